@@ -1,0 +1,66 @@
+//! The `dmd` command line.
+
+use crate::{bench, device::Backend, sample, teacher};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "dmd", version, about = "Distribution Matching Distillation of EDM diffusion models, on Burn")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Sample images from a network with EDM's Heun/Euler/stochastic sampler.
+    Sample(sample::SampleArgs),
+    /// Train an EDM teacher from a TOML config (resumes from the run's checkpoint).
+    TrainTeacher {
+        #[arg(long)]
+        config: PathBuf,
+        /// Override the config's device.
+        #[arg(long, value_enum)]
+        device: Option<Backend>,
+        /// Override the config's output folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the config's number of training steps.
+        #[arg(long)]
+        steps: Option<usize>,
+    },
+    /// Evaluate a network trained on a built-in 2-D toy distribution (energy distance, modes).
+    EvalToy(teacher::EvalToyArgs),
+    /// Print speed benchmarks (denoiser images/s, training step time) per CPU backend.
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Sample(args) => sample::run(&args),
+        Command::TrainTeacher { config, device, out, steps } => teacher::run_from_file(&config, device, out, steps).map(|_| ()),
+        Command::EvalToy(args) => teacher::eval_toy_cmd(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
+}
+
+/// Entry point of the `dmd` binary: errors are one line on stderr and a non-zero exit, never
+/// a backtrace.
+pub fn main() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal error{at}: {}", msg.lines().next().unwrap_or(""));
+    }));
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}

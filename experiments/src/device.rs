@@ -1,0 +1,52 @@
+//! The backend, chosen at run time: `cpu` (Burn's pure-Rust `flex` backend, the default:
+//! deterministic and much faster than ndarray for training), `ndarray`, or `cuda` (when built
+//! with `--features cuda`).
+
+use anyhow::Result;
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Burn's flex CPU backend.
+    #[default]
+    Cpu,
+    /// Burn's ndarray CPU backend.
+    Ndarray,
+    /// NVIDIA GPU (build with `--features cuda`).
+    Cuda,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Ndarray => "ndarray",
+            Self::Cuda => "cuda",
+        })
+    }
+}
+
+impl Backend {
+    /// The device to compute on (no autodiff).
+    pub fn device(self) -> Result<Device> {
+        Ok(match self {
+            Self::Cpu => Device::flex(),
+            // Deprecated upstream in favour of flex; kept for users' deterministic tests.
+            #[allow(deprecated)]
+            Self::Ndarray => Device::ndarray(),
+            Self::Cuda => cuda_device()?,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device> {
+    Ok(Device::cuda(0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device> {
+    anyhow::bail!("this `dmd` was built without CUDA support: rebuild with `cargo build --release --features cuda` (see README, 'CUDA')")
+}

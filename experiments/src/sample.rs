@@ -1,0 +1,241 @@
+//! `dmd sample`: runs EDM's sampler on a network from latents in a file or drawn from seeds.
+
+use crate::device::Backend;
+use crate::output::{write_images, OutKind};
+use anyhow::{bail, Context, Result};
+use dmd_models::{config_path_for, sample, EdmPrecond, HostTensor, NamedTensors, NetDenoiser, SamplerConfig, Solver};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// The network: EDM weights as safetensors (EDM's state_dict names).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Its config (EDM's constructor kwargs as JSON); default: the same path with `.json`.
+    #[arg(long)]
+    pub teacher_config: Option<PathBuf>,
+    /// Safetensors with `latents` [N,C,H,W] float32 (unit variance) and, for a conditional
+    /// network, `labels` [N,L] one-hot.
+    #[arg(long, conflicts_with = "seeds")]
+    pub latents: Option<PathBuf>,
+    /// Draw latents from seeds instead, e.g. `0-63` or `0,5,10-12` (one image per seed).
+    #[arg(long)]
+    pub seeds: Option<String>,
+    /// Class of every image (conditional networks); default: a random class per seed.
+    #[arg(long)]
+    pub class: Option<usize>,
+    /// Number of noise levels (1 = a single denoiser call at sigma_max).
+    #[arg(long, default_value_t = 18)]
+    pub steps: usize,
+    #[arg(long, default_value = "heun")]
+    pub sampler: Solver,
+    /// Stochasticity S_churn of EDM's stochastic sampler (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub s_min: f64,
+    #[arg(long, default_value_t = f64::INFINITY)]
+    pub s_max: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub s_noise: f64,
+    #[arg(long, default_value_t = 0.002)]
+    pub sigma_min: f64,
+    #[arg(long, default_value_t = 80.0)]
+    pub sigma_max: f64,
+    #[arg(long, default_value_t = 7.0)]
+    pub rho: f64,
+    /// `.safetensors` (tensor `images`), `.png` (a grid), or a folder (one PNG per image).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Images per network call.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub device: Backend,
+}
+
+/// Parses `0-63`, `5`, `0,3,10-12`.
+pub fn parse_seeds(spec: &str) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("--seeds: cannot read `{part}` (expected e.g. 0-63 or 0,5,7-9)");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.trim().parse().with_context(bad)?, b.trim().parse().with_context(bad)?);
+                if b < a {
+                    bail!("--seeds: empty range `{part}`");
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().with_context(bad)?),
+        }
+    }
+    if out.is_empty() {
+        bail!("--seeds: no seeds given");
+    }
+    Ok(out)
+}
+
+/// Latents (and one-hot labels) for `seeds`: image i depends only on its seed.
+pub fn latents_from_seeds(seeds: &[u64], shape: [usize; 3], label_dim: usize, class: Option<usize>) -> (HostTensor, Option<HostTensor>) {
+    let per: usize = shape.iter().product();
+    let mut z = Vec::with_capacity(seeds.len() * per);
+    let mut labels = Vec::new();
+    for &seed in seeds {
+        let mut rng = StdRng::seed_from_u64(seed);
+        z.extend((0..per).map(|_| rng.sample::<f64, _>(StandardNormal) as f32));
+        if label_dim > 0 {
+            let k = class.unwrap_or_else(|| rng.random_range(0..label_dim));
+            labels.extend((0..label_dim).map(|j| if j == k { 1.0 } else { 0.0 }));
+        }
+    }
+    let n = seeds.len();
+    let latents = HostTensor::new(vec![n, shape[0], shape[1], shape[2]], z);
+    let labels = (label_dim > 0).then(|| HostTensor::new(vec![n, label_dim], labels));
+    (latents, labels)
+}
+
+/// Reads and checks a latents file against the network's image shape and label count.
+pub fn read_latents(path: &Path, shape: [usize; 3], label_dim: usize) -> Result<(HostTensor, Option<HostTensor>)> {
+    let file = NamedTensors::read(path)?;
+    let p = path.display();
+    let latents = file.get("latents").with_context(|| format!("{p}: no tensor `latents`"))?.clone();
+    let want = [shape[0], shape[1], shape[2]];
+    if latents.shape.len() != 4 || latents.shape[1..] != want {
+        bail!("{p}: tensor `latents` has shape {:?}, the network needs [N, {}, {}, {}]", latents.shape, want[0], want[1], want[2]);
+    }
+    let n = latents.shape[0];
+    let labels = match (file.get("labels"), label_dim) {
+        (None, 0) => None,
+        (Some(_), 0) => bail!("{p}: has `labels` but the network is unconditional (label_dim 0)"),
+        (None, l) => bail!("{p}: no tensor `labels`, but the network is conditional ({l} classes): add one-hot `labels` [N, {l}]"),
+        (Some(l), dim) => {
+            if l.shape != [n, dim] {
+                bail!("{p}: tensor `labels` has shape {:?}, expected [{n}, {dim}]", l.shape);
+            }
+            Some(l.clone())
+        }
+    };
+    if latents.data.iter().any(|v| !v.is_finite()) {
+        bail!("{p}: tensor `latents` holds a non-finite value");
+    }
+    Ok((latents, labels))
+}
+
+/// Splits rows [start, end) out of an [N, ...] tensor.
+pub fn rows(t: &HostTensor, start: usize, end: usize) -> HostTensor {
+    let per: usize = t.shape[1..].iter().product();
+    let mut shape = t.shape.clone();
+    shape[0] = end - start;
+    HostTensor::new(shape, t.data[start * per..end * per].to_vec())
+}
+
+/// Stacks [n_i, ...] tensors along the first axis.
+pub fn concat_rows(parts: &[HostTensor]) -> HostTensor {
+    let mut shape = parts[0].shape.clone();
+    shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+    HostTensor::new(shape, parts.iter().flat_map(|p| p.data.iter().copied()).collect())
+}
+
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed}<{eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Samples every image of `latents` in batches of `batch`, with a progress bar.
+pub fn sample_batched(
+    net: &EdmPrecond,
+    device: &burn::tensor::Device,
+    latents: &HostTensor,
+    labels: Option<&HostTensor>,
+    cfg: &SamplerConfig,
+    churn_seeds: &[u64],
+    batch: usize,
+    show_progress: bool,
+) -> HostTensor {
+    let n = latents.shape[0];
+    let bar = if show_progress { progress(n as u64, "sampling") } else { ProgressBar::hidden() };
+    let denoiser = NetDenoiser { net, device: device.clone() };
+    let mut outs = Vec::new();
+    for start in (0..n).step_by(batch.max(1)) {
+        let end = (start + batch).min(n);
+        let lat = rows(latents, start, end);
+        let lab = labels.map(|l| rows(l, start, end));
+        // Churn noise per image, seeded apart from its latents.
+        let mut rngs: Vec<StdRng> = churn_seeds[start..end].iter().map(|&s| StdRng::seed_from_u64(s ^ 0x5eed_c4a2_0000_0000)).collect();
+        outs.push(sample(&denoiser, &lat, lab.as_ref(), cfg, &mut rngs, |_| {}));
+        bar.inc((end - start) as u64);
+    }
+    bar.finish_and_clear();
+    concat_rows(&outs)
+}
+
+pub fn run(args: &SampleArgs) -> Result<()> {
+    let cfg = SamplerConfig {
+        solver: args.sampler,
+        num_steps: args.steps,
+        sigma_min: args.sigma_min,
+        sigma_max: args.sigma_max,
+        rho: args.rho,
+        s_churn: args.churn,
+        s_min: args.s_min,
+        s_max: args.s_max,
+        s_noise: args.s_noise,
+    };
+    cfg.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let device = args.device.device()?;
+    let config_path = args.teacher_config.clone().unwrap_or_else(|| config_path_for(&args.teacher));
+    let net = EdmPrecond::load(&args.teacher, &config_path, &device, "teacher")?;
+    let shape = net.image_shape();
+    let label_dim = net.label_dim();
+    if let Some(k) = args.class {
+        if k >= label_dim {
+            bail!("--class {k}: the network has {label_dim} classes");
+        }
+    }
+    let (latents, labels, names, churn_seeds) = match (&args.latents, &args.seeds) {
+        (Some(path), _) => {
+            let (l, lab) = read_latents(path, shape, label_dim)?;
+            let n = l.shape[0];
+            let names: Vec<String> = (0..n).map(|i| format!("{i:06}")).collect();
+            (l, lab, names, (0..n as u64).collect::<Vec<_>>())
+        }
+        (None, Some(spec)) => {
+            let seeds = parse_seeds(spec)?;
+            let (l, lab) = latents_from_seeds(&seeds, shape, label_dim, args.class);
+            let names: Vec<String> = seeds.iter().map(|s| format!("{s:06}")).collect();
+            (l, lab, names, seeds)
+        }
+        (None, None) => bail!("give --latents FILE or --seeds RANGE"),
+    };
+    if OutKind::of(&args.out) == OutKind::Folder && args.out.is_file() {
+        bail!("{}: exists and is a file; --out takes a .safetensors file, a .png grid, or a folder", args.out.display());
+    }
+    let images = sample_batched(&net, &device, &latents, labels.as_ref(), &cfg, &churn_seeds, args.batch, true);
+    write_images(&args.out, &images, labels.as_ref(), &names)?;
+    eprintln!(
+        "wrote {} images ({} steps, {} sampler, {} network evaluations each) to {}",
+        images.shape[0],
+        cfg.num_steps,
+        match cfg.solver {
+            Solver::Heun => "heun",
+            Solver::Euler => "euler",
+        },
+        cfg.nfe(),
+        args.out.display()
+    );
+    Ok(())
+}

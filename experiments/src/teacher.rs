@@ -1,0 +1,501 @@
+//! `dmd train-teacher`: trains an EDM teacher (EDM's loss, Adam, learning-rate ramp-up, EMA)
+//! from a TOML config, with checkpoints, exact resume, a progress bar and a metrics log.
+//!
+//! Every random draw of step `s` comes from generators seeded by (seed, s), so a resumed run
+//! repeats the uninterrupted one exactly.
+
+use crate::data::{DataConfig, DataSource};
+use crate::device::Backend;
+use crate::ema::{ema_beta, ema_update};
+use crate::metrics::{energy_distance, mode_stats, ModeStats};
+use crate::output::{grid_png, scatter_png};
+use crate::sample::{latents_from_seeds, progress, sample_batched};
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+use dmd_datasets::{ToyDistribution, ToyKind};
+use dmd_losses::edm::{edm_loss, EdmLossConfig};
+use dmd_models::weights::{assign_ids, fork_named, write_atomic};
+use dmd_models::{config_path_for, EdmConfig, EdmPrecond, HostTensor, SamplerConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Optimisation settings; defaults are EDM's (CIFAR-10 recipe) where EDM has one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub total_steps: usize,
+    pub lr: f64,
+    /// Learning-rate warm-up, in thousands of images (EDM: 10000).
+    pub lr_rampup_kimg: f64,
+    pub adam_betas: [f64; 2],
+    pub adam_eps: f64,
+    /// EMA half-life in thousands of images (EDM: 500), ramped up by `ema_rampup_ratio`.
+    pub ema_halflife_kimg: f64,
+    pub ema_rampup_ratio: Option<f64>,
+    pub seed: u64,
+    pub log_every: usize,
+    pub checkpoint_every: usize,
+    /// Write a sample grid (scatter plot for 2-D data) of the EMA network this often; 0: never.
+    pub sample_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 512,
+            total_steps: 10_000,
+            lr: 1e-3,
+            lr_rampup_kimg: 10_000.0,
+            adam_betas: [0.9, 0.999],
+            adam_eps: 1e-8,
+            ema_halflife_kimg: 500.0,
+            ema_rampup_ratio: Some(0.05),
+            seed: 0,
+            log_every: 100,
+            checkpoint_every: 1000,
+            sample_every: 1000,
+        }
+    }
+}
+
+/// How the finished teacher is evaluated (2-D toy data) and how its sample grids are drawn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub num_samples: usize,
+    pub sampler: SamplerConfig,
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { num_samples: 2000, sampler: SamplerConfig::default(), seed: 1_000_000 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub device: Backend,
+    pub data: DataConfig,
+    /// EDM's `EDMPrecond` keyword arguments; `img_resolution`, `img_channels` and `label_dim`
+    /// default to the data's.
+    pub network: toml::Table,
+    #[serde(default)]
+    pub loss: EdmLossConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+impl TeacherConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        cfg.validate().with_context(|| path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        if t.batch_size == 0 || t.total_steps == 0 {
+            bail!("train.batch_size and train.total_steps must be positive");
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            bail!("train.lr must be positive, got {}", t.lr);
+        }
+        if t.log_every == 0 || t.checkpoint_every == 0 {
+            bail!("train.log_every and train.checkpoint_every must be positive");
+        }
+        self.eval.sampler.validate().map_err(|e| anyhow::anyhow!("eval.sampler: {e}"))?;
+        Ok(())
+    }
+
+    /// The network config: the `[network]` table with the data's shape filled in.
+    pub fn network_config(&self, data: &DataSource) -> Result<EdmConfig> {
+        let [c, h, _] = data.shape();
+        let mut table = self.network.clone();
+        let fill = |k: &str, v: usize, table: &mut toml::Table| -> Result<()> {
+            match table.get(k) {
+                None => {
+                    table.insert(k.into(), toml::Value::Integer(v as i64));
+                    Ok(())
+                }
+                Some(toml::Value::Integer(x)) if *x as usize == v => Ok(()),
+                Some(x) => bail!("network.{k} = {x} disagrees with the data ({v})"),
+            }
+        };
+        fill("img_resolution", h, &mut table)?;
+        fill("img_channels", c, &mut table)?;
+        fill("label_dim", data.label_dim(), &mut table)?;
+        let json = serde_json::to_string(&table)?;
+        EdmConfig::from_json_str(&json).map_err(|e| anyhow::anyhow!("[network]: {e}"))
+    }
+}
+
+/// Where a run keeps its files.
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.0.join("checkpoint")
+    }
+    pub fn teacher(&self) -> PathBuf {
+        self.0.join("teacher.safetensors")
+    }
+    fn config(&self) -> PathBuf {
+        self.0.join("config.toml")
+    }
+    fn metrics(&self) -> PathBuf {
+        self.0.join("metrics.jsonl")
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainState {
+    step: usize,
+    images_seen: u64,
+}
+
+/// Mixes the run seed and the step into one generator seed (SplitMix64 finaliser).
+pub fn step_seed(seed: u64, step: u64, stream: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.sample::<f64, _>(StandardNormal) as f32).collect()
+}
+
+/// The outcome of a training run.
+pub struct TeacherRun {
+    pub teacher: PathBuf,
+    pub eval: Option<ToyEval>,
+}
+
+pub fn run_from_file(path: &Path, device: Option<Backend>, out: Option<PathBuf>, steps: Option<usize>) -> Result<TeacherRun> {
+    let mut cfg = TeacherConfig::from_file(path)?;
+    if let Some(d) = device {
+        cfg.device = d;
+    }
+    if let Some(o) = out {
+        cfg.out_dir = o;
+    }
+    if let Some(s) = steps {
+        cfg.train.total_steps = s;
+    }
+    train(&cfg, true)
+}
+
+/// The config a run must keep to be resumed: all but the length, device and output folder.
+fn resume_key(cfg: &TeacherConfig) -> TeacherConfig {
+    let mut c = cfg.clone();
+    c.train.total_steps = 0;
+    c.device = Backend::Cpu;
+    c.out_dir = PathBuf::new();
+    c
+}
+
+pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
+    let run = RunDir(cfg.out_dir.clone());
+    std::fs::create_dir_all(&run.0).with_context(|| run.0.display().to_string())?;
+    let data = DataSource::open(&cfg.data)?;
+    let net_cfg = cfg.network_config(&data)?;
+    let device = cfg.device.device()?;
+    let ad = device.clone().autodiff();
+
+    // Resume when the folder holds a checkpoint of the same config.
+    let saved_cfg = run.config();
+    if saved_cfg.exists() {
+        let old = TeacherConfig::from_file(&saved_cfg)?;
+        if resume_key(&old) != resume_key(cfg) {
+            bail!(
+                "{}: this run folder was started with a different config; choose another out_dir or delete the folder",
+                saved_cfg.display()
+            );
+        }
+    }
+    write_atomic(&saved_cfg, toml::to_string_pretty(cfg)?.as_bytes())?;
+
+    let t = &cfg.train;
+    let adam = AdamConfig::new()
+        .with_beta_1(t.adam_betas[0] as f32)
+        .with_beta_2(t.adam_betas[1] as f32)
+        .with_epsilon(t.adam_eps as f32);
+    let ckpt = run.checkpoint();
+    let (mut net, mut ema, mut optim, start, mut images_seen) = if ckpt.join("state.json").exists() {
+        let state: TrainState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)
+            .with_context(|| ckpt.join("state.json").display().to_string())?;
+        let net = EdmPrecond::load(&ckpt.join("net.safetensors"), &ckpt.join("net.json"), &ad, "net")?;
+        let ema = EdmPrecond::load(&ckpt.join("ema.safetensors"), &ckpt.join("ema.json"), &device, "ema")?.valid();
+        let optim = adam
+            .init()
+            .load(ckpt.join("optim.bpk"))
+            .map_err(|e| anyhow::anyhow!("{}: {e:?}", ckpt.join("optim.bpk").display()))?;
+        eprintln!("resuming {} from step {}", run.0.display(), state.step);
+        (net, ema, optim, state.step, state.images_seen)
+    } else {
+        let net = assign_ids(EdmPrecond::new(&net_cfg, &ad, t.seed), "net");
+        let ema = fork_named(&net.valid(), "ema");
+        (net, ema, adam.init(), 0, 0)
+    };
+    truncate_metrics(&run.metrics(), start)?;
+
+    let n_params: usize = dmd_models::weights::named_shapes(&net).values().map(|s| s.iter().product::<usize>()).sum();
+    eprintln!(
+        "training {:?} teacher ({:.2}M parameters) on {} with {} on {}",
+        net_cfg.model_type,
+        n_params as f64 / 1e6,
+        data.describe(),
+        cfg.device,
+        run.0.display()
+    );
+    let bar = if show_progress { progress(t.total_steps as u64, "train-teacher") } else { indicatif::ProgressBar::hidden() };
+    bar.set_position(start as u64);
+    let [c, h, w] = data.shape();
+    let per = c * h * w;
+    let bs = t.batch_size;
+    let mut window = (0.0f64, 0usize, Instant::now());
+    for step in start..t.total_steps {
+        // All randomness of this step comes from (seed, step).
+        let mut rng = StdRng::seed_from_u64(step_seed(t.seed, step as u64, 0));
+        ad.seed(step_seed(t.seed, step as u64, 1)); // dropout
+        let (images, labels) = data.batch(bs, &mut rng)?;
+        let sigma: Vec<f32> = normals(&mut rng, bs).into_iter().map(|z| cfg.loss.sigma_from_normal(z as f64) as f32).collect();
+        let noise = normals(&mut rng, bs * per);
+
+        let images = images.to_tensor::<4>(&ad);
+        let labels = labels.map(|l| l.to_tensor::<2>(&ad));
+        let sigma = Tensor::<1>::from_data(TensorData::new(sigma, [bs]), &ad);
+        let noise = Tensor::<4>::from_data(TensorData::new(noise, [bs, c, h, w]), &ad);
+        let loss = edm_loss(&net, images, labels, sigma, noise).mean();
+        let loss_value: f32 = loss.clone().into_scalar::<f32>();
+        if !loss_value.is_finite() {
+            bail!("step {step}: the loss is {loss_value}; stopping before the weights are damaged (last good checkpoint: {})", ckpt.display());
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        let lr = t.lr * ((images_seen as f64) / (t.lr_rampup_kimg * 1000.0).max(1e-8)).min(1.0);
+        net = optim.step(lr, net, grads);
+        let beta = ema_beta(bs, images_seen, t.ema_halflife_kimg, t.ema_rampup_ratio);
+        ema = ema_update(ema, &net, beta);
+        images_seen += bs as u64;
+
+        let done = step + 1;
+        window.0 += loss_value as f64;
+        window.1 += 1;
+        bar.inc(1);
+        if done % t.log_every == 0 || done == t.total_steps {
+            let secs = window.2.elapsed().as_secs_f64();
+            let mean_loss = window.0 / window.1 as f64;
+            let line = serde_json::json!({
+                "step": done,
+                "kimg": images_seen as f64 / 1000.0,
+                "loss": mean_loss,
+                "lr": lr,
+                "ema_beta": beta,
+                "samples_per_s": (window.1 * bs) as f64 / secs.max(1e-9),
+            });
+            append_line(&run.metrics(), &line.to_string())?;
+            bar.set_message(format!("train-teacher loss {mean_loss:.4}"));
+            window = (0.0, 0, Instant::now());
+        }
+        if done % t.checkpoint_every == 0 || done == t.total_steps {
+            save_checkpoint(&ckpt, &net, &ema, &optim, TrainState { step: done, images_seen })?;
+        }
+        if t.sample_every > 0 && (done % t.sample_every == 0 || done == t.total_steps) {
+            let png = preview(&ema, &device, &cfg.eval, data.label_dim())?;
+            write_atomic(&run.0.join("samples").join(format!("step-{done:07}.png")), &png)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    ema.save(&run.teacher())?;
+    eprintln!("teacher (EMA weights): {} (config {})", run.teacher().display(), config_path_for(&run.teacher()).display());
+    let eval = match &cfg.data {
+        DataConfig::Toy { name, .. } => {
+            let e = eval_toy(&ema, &device, *name, &cfg.eval)?;
+            write_atomic(&run.0.join("eval.json"), serde_json::to_string_pretty(&e)?.as_bytes())?;
+            eprintln!("{}", e.summary());
+            Some(e)
+        }
+        _ => None,
+    };
+    Ok(TeacherRun { teacher: run.teacher(), eval })
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| path.display().to_string())?;
+    writeln!(f, "{line}")?;
+    Ok(())
+}
+
+/// Drops metric lines past the step a run resumes from (left by an interrupted run).
+fn truncate_metrics(path: &Path, from_step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= from_step))
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())?;
+    Ok(())
+}
+
+/// Writes the checkpoint into a fresh folder, then swaps it in, so a crash never leaves a
+/// half-written checkpoint.
+fn save_checkpoint(dir: &Path, net: &EdmPrecond, ema: &EdmPrecond, optim: &ModuleOptimizer, state: TrainState) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    net.save(&tmp.join("net.safetensors"))?;
+    ema.save(&tmp.join("ema.safetensors"))?;
+    optim.save(tmp.join("optim.bpk")).map_err(|e| anyhow::anyhow!("{}: {e:?}", tmp.join("optim.bpk").display()))?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_string(&state)?)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// A sample grid (or scatter plot for 2-D points) of the network.
+fn preview(net: &EdmPrecond, device: &Device, eval: &EvalConfig, label_dim: usize) -> Result<Vec<u8>> {
+    let shape = net.image_shape();
+    let points = shape == [2, 1, 1];
+    let n = if points { eval.num_samples.min(1000) } else { 64 };
+    let seeds: Vec<u64> = (0..n as u64).map(|i| eval.seed + i).collect();
+    let (lat, lab) = latents_from_seeds(&seeds, shape, label_dim, None);
+    let images = sample_batched(net, device, &lat, lab.as_ref(), &eval.sampler, &seeds, 256, false);
+    if points {
+        scatter_png(&[(&images, [20, 60, 200])], 512)
+    } else {
+        grid_png(&images)
+    }
+}
+
+/// Quality of a toy-data network's samples against fresh data.
+#[derive(Clone, Debug, Serialize)]
+pub struct ToyEval {
+    pub distribution: ToyKind,
+    pub num_samples: usize,
+    pub nfe: usize,
+    /// Energy distance between the network's samples and fresh data.
+    pub energy_distance: f64,
+    /// The same between two independent data sets of the same size: the floor.
+    pub energy_distance_data_floor: f64,
+    pub modes: Option<ModeStats>,
+}
+
+impl ToyEval {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{:?}, {} samples at {} NFE: energy distance {:.5} (data-vs-data floor {:.5})",
+            self.distribution, self.num_samples, self.nfe, self.energy_distance, self.energy_distance_data_floor
+        );
+        if let Some(m) = &self.modes {
+            s += &format!(
+                ", modes covered {}/{}, {:.1}% within 3 std of a mode, mode KL {:.4}",
+                m.modes_covered,
+                m.num_modes,
+                100.0 * m.frac_near_mode,
+                m.mode_kl
+            );
+        }
+        s
+    }
+}
+
+/// Samples `eval.num_samples` points with the network and compares them to fresh data.
+pub fn eval_toy(net: &EdmPrecond, device: &Device, kind: ToyKind, eval: &EvalConfig) -> Result<ToyEval> {
+    if net.image_shape() != [2, 1, 1] {
+        bail!("eval-toy needs a network on 2-D points ([2, 1, 1]), this one works on {:?}", net.image_shape());
+    }
+    let dist = ToyDistribution::new(kind);
+    let n = eval.num_samples;
+    let seeds: Vec<u64> = (0..n as u64).map(|i| eval.seed + i).collect();
+    let (lat, lab) = latents_from_seeds(&seeds, [2, 1, 1], net.label_dim(), None);
+    let samples = sample_batched(net, device, &lat, lab.as_ref(), &eval.sampler, &seeds, 1000, false);
+    Ok(toy_eval_of(&samples.data, &dist, eval.seed, eval.sampler.nfe()))
+}
+
+/// Compares points with the distribution, and two fresh data sets with each other (the floor).
+pub fn toy_eval_of(samples: &[f32], dist: &ToyDistribution, seed: u64, nfe: usize) -> ToyEval {
+    let n = samples.len() / 2;
+    let mut rng = StdRng::seed_from_u64(step_seed(seed, 0, 7));
+    let (data_a, _) = dist.sample_n(n, &mut rng);
+    let (data_b, _) = dist.sample_n(n, &mut rng);
+    ToyEval {
+        distribution: dist.kind,
+        num_samples: n,
+        nfe,
+        energy_distance: energy_distance(samples, &data_a),
+        energy_distance_data_floor: energy_distance(&data_b, &data_a),
+        modes: dist.mixture().map(|m| mode_stats(samples, m)),
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalToyArgs {
+    /// The network (safetensors; its config is the same path with `.json`).
+    #[arg(long)]
+    pub net: PathBuf,
+    #[arg(long)]
+    pub net_config: Option<PathBuf>,
+    /// eight_gaussians, twenty_five_gaussians, checkerboard, two_moons, swiss_roll.
+    #[arg(long)]
+    pub toy: ToyKind,
+    #[arg(long, default_value_t = 2000)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 18)]
+    pub steps: usize,
+    #[arg(long, default_value = "heun")]
+    pub sampler: dmd_models::Solver,
+    /// Also write a scatter plot of the samples (blue) over data (grey).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub device: Backend,
+}
+
+pub fn eval_toy_cmd(args: &EvalToyArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let cfg_path = args.net_config.clone().unwrap_or_else(|| config_path_for(&args.net));
+    let net = EdmPrecond::load(&args.net, &cfg_path, &device, "net")?;
+    let eval = EvalConfig {
+        num_samples: args.samples,
+        sampler: SamplerConfig { solver: args.sampler, num_steps: args.steps, ..SamplerConfig::default() },
+        ..EvalConfig::default()
+    };
+    eval.sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
+    let result = eval_toy(&net, &device, args.toy, &eval)?;
+    println!("{}", serde_json::to_string(&result)?);
+    eprintln!("{}", result.summary());
+    if let Some(plot) = &args.plot {
+        let seeds: Vec<u64> = (0..args.samples as u64).map(|i| eval.seed + i).collect();
+        let (lat, lab) = latents_from_seeds(&seeds, [2, 1, 1], net.label_dim(), None);
+        let samples = sample_batched(&net, &device, &lat, lab.as_ref(), &eval.sampler, &seeds, 1000, false);
+        let (data, _) = ToyDistribution::new(args.toy).sample_n(args.samples, &mut StdRng::seed_from_u64(3));
+        let data = HostTensor::new(vec![args.samples, 2, 1, 1], data);
+        write_atomic(plot, &scatter_png(&[(&data, [190, 190, 190]), (&samples, [20, 60, 200])], 512)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! Networks of dmd-burn: EDM's `EDMPrecond` over `DhariwalUNet` (ADM) and `SongUNet`
+//! (DDPM++/NCSN++), a toy MLP for 2-D data, EDM's samplers, and named-weight import/export.
+//! Every network is backend-agnostic: the backend is the `Device` its tensors live on.
+
+pub mod config;
+pub mod dhariwal;
+pub mod mlp;
+pub mod nn;
+pub mod precond;
+pub mod sampler;
+pub mod song;
+pub mod weights;
+
+pub use config::{EdmConfig, ModelType};
+pub use precond::{config_path_for, Backbone, EdmPrecond, ModelError};
+pub use sampler::{edm_time_steps, sample, Denoiser, NetDenoiser, SamplerConfig, Solver};
+pub use weights::{HostTensor, NamedTensors, WeightError};

@@ -1,0 +1,539 @@
+//! EDM's building blocks (`training/networks.py`): Linear, Conv2d with FIR up/down-sampling,
+//! GroupNorm, the two noise embeddings, and the one `UNetBlock` that serves ADM, DDPM++ and
+//! NCSN++. Parameters keep EDM's layouts and names (`weight` [out, in], `resample_filter`,
+//! `freqs`) so a PyTorch `state_dict` maps onto them one to one.
+
+use burn::module::{
+    Content, Devices, Flag, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
+    Param,
+};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::{conv2d, conv_transpose2d};
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+/// Where fresh parameters come from: the device, and a host RNG so that a seeded
+/// initialisation is identical on every backend.
+pub struct Init {
+    pub device: Device,
+    rng: StdRng,
+    /// False when the values will be overwritten by a checkpoint: skip drawing them.
+    random: bool,
+}
+
+impl Init {
+    pub fn new(device: &Device, seed: u64) -> Self {
+        Self { device: device.clone(), rng: StdRng::seed_from_u64(seed), random: true }
+    }
+
+    /// Zero-filled parameters, for a network whose weights come from a file.
+    pub fn placeholder(device: &Device) -> Self {
+        Self { device: device.clone(), rng: StdRng::seed_from_u64(0), random: false }
+    }
+
+    fn param<const D: usize>(&mut self, shape: [usize; D], values: impl Fn(&mut StdRng) -> f32) -> Param<Tensor<D>> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if self.random { (0..n).map(|_| values(&mut self.rng)).collect() } else { vec![0.0; n] };
+        Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), &self.device))
+    }
+
+    /// A parameter EDM registers as a buffer (never trained): a resample filter, Fourier
+    /// frequencies.
+    fn buffer<const D: usize>(&mut self, data: Vec<f32>, shape: [usize; D]) -> Param<Tensor<D>> {
+        Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), &self.device))
+            .set_require_grad(false)
+    }
+}
+
+/// EDM's `weight_init` modes, with the `init_weight` / `init_bias` multipliers.
+#[derive(Clone, Copy, Debug)]
+pub enum InitMode {
+    XavierUniform,
+    XavierNormal,
+    KaimingUniform,
+    KaimingNormal,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct InitSpec {
+    pub mode: InitMode,
+    pub weight: f64,
+    pub bias: f64,
+}
+
+impl InitSpec {
+    pub const fn new(mode: InitMode, weight: f64, bias: f64) -> Self {
+        Self { mode, weight, bias }
+    }
+
+    fn sampler(&self, fan_in: usize, fan_out: usize, scale: f64) -> impl Fn(&mut StdRng) -> f32 {
+        let (fi, fo) = (fan_in as f64, fan_out as f64);
+        let (uniform, std) = match self.mode {
+            InitMode::XavierUniform => (true, (6.0 / (fi + fo)).sqrt()),
+            InitMode::XavierNormal => (false, (2.0 / (fi + fo)).sqrt()),
+            InitMode::KaimingUniform => (true, (3.0 / fi).sqrt()),
+            InitMode::KaimingNormal => (false, (1.0 / fi).sqrt()),
+        };
+        move |rng: &mut StdRng| {
+            let r: f64 = if uniform { rng.random::<f64>() * 2.0 - 1.0 } else { rng.sample(StandardNormal) };
+            (std * r * scale) as f32
+        }
+    }
+}
+
+/// Fully connected layer; `weight` is [out, in] as in PyTorch.
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    pub fn new(init: &mut Init, in_features: usize, out_features: usize, bias: bool, spec: InitSpec) -> Self {
+        let weight = init.param([out_features, in_features], spec.sampler(in_features, out_features, spec.weight));
+        let bias = bias.then(|| init.param([out_features], spec.sampler(in_features, out_features, spec.bias)));
+        Self { weight, bias }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let x = x.matmul(self.weight.val().transpose());
+        match &self.bias {
+            Some(b) => x + b.val().unsqueeze::<2>(),
+            None => x,
+        }
+    }
+}
+
+/// The FIR filter of EDM's resampling convolutions: outer(f, f) / sum(f)^2, as [1, 1, k, k].
+pub fn resample_filter_values(f: &[f64]) -> (Vec<f32>, usize) {
+    let s: f64 = f.iter().sum();
+    let k = f.len();
+    let mut out = Vec::with_capacity(k * k);
+    for a in f {
+        for b in f {
+            out.push((a * b / (s * s)) as f32);
+        }
+    }
+    (out, k)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Resample {
+    #[default]
+    None,
+    Up,
+    Down,
+}
+
+/// Convolution with optional 2x up/down-sampling by a FIR filter. `kernel = 0` gives a pure
+/// resampling layer without weights (EDM's `aux_down`, `aux_up`, and the weightless skip).
+#[derive(Module, Debug)]
+pub struct Conv2d {
+    pub weight: Option<Param<Tensor<4>>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub resample_filter: Option<Param<Tensor<4>>>,
+    #[module(skip)]
+    pub resample: Resample,
+    pub fused_resample: bool,
+    pub in_channels: usize,
+    pub out_channels: usize,
+}
+
+pub struct ConvSpec<'a> {
+    pub kernel: usize,
+    pub bias: bool,
+    pub resample: Resample,
+    pub resample_filter: &'a [f64],
+    pub fused_resample: bool,
+    pub init: InitSpec,
+}
+
+impl Conv2d {
+    pub fn new(init: &mut Init, in_channels: usize, out_channels: usize, spec: ConvSpec) -> Self {
+        let k = spec.kernel;
+        let (fan_in, fan_out) = (in_channels * k * k, out_channels * k * k);
+        let weight = (k > 0).then(|| init.param([out_channels, in_channels, k, k], spec.init.sampler(fan_in, fan_out, spec.init.weight)));
+        let bias = (k > 0 && spec.bias).then(|| init.param([out_channels], spec.init.sampler(fan_in, fan_out, spec.init.bias)));
+        let resample_filter = (spec.resample != Resample::None).then(|| {
+            let (values, fk) = resample_filter_values(spec.resample_filter);
+            init.buffer(values, [1, 1, fk, fk])
+        });
+        Self {
+            weight,
+            bias,
+            resample_filter,
+            resample: spec.resample,
+            fused_resample: spec.fused_resample,
+            in_channels,
+            out_channels,
+        }
+    }
+
+    /// Depthwise filter for `channels` channels: [channels, 1, k, k].
+    fn filter(&self, channels: usize, scale: f64) -> Tensor<4> {
+        let f = self.resample_filter.as_ref().expect("resampling conv has a filter").val();
+        let f = if scale != 1.0 { f.mul_scalar(scale) } else { f };
+        f.repeat_dim(0, channels)
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let w = self.weight.as_ref().map(|w| w.val());
+        let w_pad = w.as_ref().map_or(0, |w| w.dims()[3] / 2);
+        let f_pad = self.resample_filter.as_ref().map_or(0, |f| (f.shape()[3] - 1) / 2);
+        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d(x, w, None, ConvOptions::new([1, 1], [pad, pad], [1, 1], 1));
+        let up = |x: Tensor<4>, c: usize, pad: usize| {
+            conv_transpose2d(x, self.filter(c, 4.0), None, ConvTransposeOptions::new([2, 2], [pad, pad], [0, 0], [1, 1], c))
+        };
+        let down = |x: Tensor<4>, c: usize, pad: usize| conv2d(x, self.filter(c, 1.0), None, ConvOptions::new([2, 2], [pad, pad], [1, 1], c));
+
+        let x = match (self.resample, w) {
+            (Resample::Up, Some(w)) if self.fused_resample => {
+                let x = up(x, self.in_channels, f_pad.saturating_sub(w_pad));
+                plain(x, w, w_pad.saturating_sub(f_pad))
+            }
+            (Resample::Down, Some(w)) if self.fused_resample => {
+                let x = plain(x, w, w_pad + f_pad);
+                down(x, self.out_channels, 0)
+            }
+            (resample, w) => {
+                let x = match resample {
+                    Resample::Up => up(x, self.in_channels, f_pad),
+                    Resample::Down => down(x, self.in_channels, f_pad),
+                    Resample::None => x,
+                };
+                match w {
+                    Some(w) => plain(x, w, w_pad),
+                    None => x,
+                }
+            }
+        };
+        match &self.bias {
+            Some(b) => x + b.val().reshape([1, -1, 1, 1]),
+            None => x,
+        }
+    }
+}
+
+/// Group normalisation with EDM's group count: min(num_groups, channels / 4).
+#[derive(Module, Debug)]
+pub struct GroupNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub num_groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(init: &mut Init, num_channels: usize, eps: f64) -> Self {
+        let num_groups = 32.min(num_channels / 4).max(1);
+        Self {
+            weight: init.param([num_channels], |_| 1.0),
+            bias: init.param([num_channels], |_| 0.0),
+            num_groups,
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [n, c, h, w] = x.dims();
+        let g = self.num_groups;
+        let xg = x.reshape([n, g, (c / g) * h * w]);
+        let mean = xg.clone().mean_dim(2);
+        let centered = xg - mean;
+        let var = centered.clone().square().mean_dim(2);
+        let normed = (centered / var.add_scalar(self.eps).sqrt()).reshape([n, c, h, w]);
+        normed * self.weight.val().reshape([1, -1, 1, 1]) + self.bias.val().reshape([1, -1, 1, 1])
+    }
+}
+
+/// Sinusoidal embedding of the noise level (DDPM++ and ADM).
+#[derive(Module, Debug)]
+pub struct PositionalEmbedding {
+    pub num_channels: usize,
+    pub max_positions: usize,
+    pub endpoint: bool,
+}
+
+impl PositionalEmbedding {
+    pub fn forward(&self, x: Tensor<1>) -> Tensor<2> {
+        let half = self.num_channels / 2;
+        let denom = (half - usize::from(self.endpoint)) as f32;
+        let base = 1.0f32 / self.max_positions as f32;
+        let freqs: Vec<f32> = (0..half).map(|i| base.powf(i as f32 / denom)).collect();
+        let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &x.device());
+        outer_cos_sin(x, freqs)
+    }
+}
+
+/// Random Fourier features of the noise level (NCSN++); `freqs` is a buffer of the checkpoint.
+#[derive(Module, Debug)]
+pub struct FourierEmbedding {
+    pub freqs: Param<Tensor<1>>,
+}
+
+impl FourierEmbedding {
+    pub fn new(init: &mut Init, num_channels: usize, scale: f64) -> Self {
+        let values: Vec<f32> = (0..num_channels / 2)
+            .map(|_| (init.rng.sample::<f64, _>(StandardNormal) * scale) as f32)
+            .collect();
+        Self { freqs: init.buffer(values, [num_channels / 2]) }
+    }
+
+    pub fn forward(&self, x: Tensor<1>) -> Tensor<2> {
+        outer_cos_sin(x, self.freqs.val().mul_scalar(2.0 * std::f64::consts::PI))
+    }
+}
+
+/// [cos(x f^T), sin(x f^T)] along the channel axis.
+fn outer_cos_sin(x: Tensor<1>, freqs: Tensor<1>) -> Tensor<2> {
+    let arg = x.unsqueeze_dim::<2>(1) * freqs.unsqueeze::<2>();
+    Tensor::cat(vec![arg.clone().cos(), arg.sin()], 1)
+}
+
+#[derive(Module, Debug)]
+pub enum NoiseEmbedding {
+    Positional(PositionalEmbedding),
+    Fourier(FourierEmbedding),
+}
+
+impl NoiseEmbedding {
+    pub fn forward(&self, x: Tensor<1>) -> Tensor<2> {
+        match self {
+            Self::Positional(e) => e.forward(x),
+            Self::Fourier(e) => e.forward(x),
+        }
+    }
+}
+
+/// Options of EDM's `UNetBlock` that differ between the architectures.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSpec<'a> {
+    pub emb_channels: usize,
+    /// `Some(n)`: n heads (SongUNet uses 1); `None`: out_channels / channels_per_head (ADM).
+    pub num_heads: Option<usize>,
+    pub channels_per_head: usize,
+    pub dropout: f64,
+    pub skip_scale: f64,
+    pub eps: f64,
+    pub resample_filter: &'a [f64],
+    pub resample_proj: bool,
+    pub adaptive_scale: bool,
+    pub init: InitSpec,
+    pub init_zero: InitSpec,
+    pub init_attn: InitSpec,
+}
+
+/// EDM's unified residual block with optional up/down-sampling and self-attention.
+#[derive(Module, Debug)]
+pub struct UNetBlock {
+    pub norm0: GroupNorm,
+    pub conv0: Conv2d,
+    pub affine: Linear,
+    pub norm1: GroupNorm,
+    pub conv1: Conv2d,
+    pub skip: Option<Conv2d>,
+    pub norm2: Option<GroupNorm>,
+    pub qkv: Option<Conv2d>,
+    pub proj: Option<Conv2d>,
+    pub dropout: Dropout,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_heads: usize,
+    pub skip_scale: f64,
+    pub adaptive_scale: bool,
+}
+
+impl UNetBlock {
+    pub fn new(init: &mut Init, in_channels: usize, out_channels: usize, resample: Resample, attention: bool, s: &BlockSpec) -> Self {
+        let conv = |kernel, resample, init_spec| ConvSpec {
+            kernel,
+            bias: true,
+            resample,
+            resample_filter: s.resample_filter,
+            fused_resample: false,
+            init: init_spec,
+        };
+        let num_heads = if attention { s.num_heads.unwrap_or(out_channels / s.channels_per_head) } else { 0 };
+        let norm0 = GroupNorm::new(init, in_channels, s.eps);
+        let conv0 = Conv2d::new(init, in_channels, out_channels, conv(3, resample, s.init));
+        let affine_out = out_channels * if s.adaptive_scale { 2 } else { 1 };
+        let affine = Linear::new(init, s.emb_channels, affine_out, true, s.init);
+        let norm1 = GroupNorm::new(init, out_channels, s.eps);
+        let conv1 = Conv2d::new(init, out_channels, out_channels, conv(3, Resample::None, s.init_zero));
+        let skip = (out_channels != in_channels || resample != Resample::None).then(|| {
+            let kernel = if s.resample_proj || out_channels != in_channels { 1 } else { 0 };
+            Conv2d::new(init, in_channels, out_channels, conv(kernel, resample, s.init))
+        });
+        let (norm2, qkv, proj) = if num_heads > 0 {
+            (
+                Some(GroupNorm::new(init, out_channels, s.eps)),
+                Some(Conv2d::new(init, out_channels, out_channels * 3, conv(1, Resample::None, s.init_attn))),
+                Some(Conv2d::new(init, out_channels, out_channels, conv(1, Resample::None, s.init_zero))),
+            )
+        } else {
+            (None, None, None)
+        };
+        Self {
+            norm0,
+            conv0,
+            affine,
+            norm1,
+            conv1,
+            skip,
+            norm2,
+            qkv,
+            proj,
+            dropout: DropoutConfig::new(s.dropout).init(),
+            in_channels,
+            out_channels,
+            num_heads,
+            skip_scale: s.skip_scale,
+            adaptive_scale: s.adaptive_scale,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
+        let orig = x.clone();
+        let x = self.conv0.forward(silu(self.norm0.forward(x)));
+        let [n, c, h, w] = x.dims();
+        let params = self.affine.forward(emb).unsqueeze_dims::<4>(&[2, 3]);
+        let x = if self.adaptive_scale {
+            let [scale, shift]: [Tensor<4>; 2] = params.chunk(2, 1).try_into().expect("two chunks");
+            silu(shift + self.norm1.forward(x) * scale.add_scalar(1.0))
+        } else {
+            silu(self.norm1.forward(x + params))
+        };
+        let x = self.conv1.forward(self.dropout.forward(x));
+        let skip = match &self.skip {
+            Some(skip) => skip.forward(orig),
+            None => orig,
+        };
+        let x = self.scale(x + skip);
+
+        let (Some(norm2), Some(qkv), Some(proj)) = (&self.norm2, &self.qkv, &self.proj) else {
+            return x;
+        };
+        // EDM's layout: channels of qkv are (head, channel-in-head, q|k|v) interleaved.
+        let heads = self.num_heads;
+        let ch = c / heads;
+        let qkv = qkv.forward(norm2.forward(x.clone())).reshape([n * heads, ch, 3, h * w]);
+        let take = |i: usize| qkv.clone().narrow(2, i, 1).reshape([n * heads, ch, h * w]);
+        let (q, k, v) = (take(0), take(1), take(2));
+        let k = k.div_scalar((ch as f64).sqrt());
+        let weights = softmax(q.swap_dims(1, 2).matmul(k), 2); // [nh, q, k]
+        let a = v.matmul(weights.swap_dims(1, 2)); // [nh, c, q]
+        let x = proj.forward(a.reshape([n, c, h, w])) + x;
+        self.scale(x)
+    }
+
+    fn scale(&self, x: Tensor<4>) -> Tensor<4> {
+        if self.skip_scale == 1.0 { x } else { x.mul_scalar(self.skip_scale) }
+    }
+}
+
+/// Classifier-free-guidance label dropout as EDM does it: whole label vectors zeroed with
+/// probability `p`, only while training on an autodiff device.
+pub fn label_dropout(labels: Tensor<2>, p: f64, training: &Param<Flag>) -> Tensor<2> {
+    if p == 0.0 || !training.is_enabled() || !labels.device().is_autodiff() {
+        return labels;
+    }
+    let n = labels.dims()[0];
+    let keep = Tensor::<2>::random([n, 1], burn::tensor::Distribution::Uniform(0.0, 1.0), &labels.device())
+        .greater_equal_elem(p)
+        .float();
+    labels * keep
+}
+
+/// An ordered, named container of sub-modules, as PyTorch's `ModuleDict`: parameters are
+/// addressed by the entry's name (`enc.16x16_block0.conv0.weight`), not by an index.
+#[derive(Debug, Clone)]
+pub struct ModuleDict<T> {
+    pub entries: Vec<(String, T)>,
+}
+
+impl<T> Default for ModuleDict<T> {
+    fn default() -> Self {
+        Self { entries: Vec::new() }
+    }
+}
+
+impl<T> ModuleDict<T> {
+    pub fn insert(&mut self, name: impl Into<String>, module: T) {
+        self.entries.push((name.into(), module));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        self.entries.iter().map(|(n, m)| (n.as_str(), m))
+    }
+}
+
+impl<T: Module> Module for ModuleDict<T> {
+    fn collect_devices(&self, mut devices: Devices) -> Devices {
+        for (_, m) in &self.entries {
+            devices = m.collect_devices(devices);
+        }
+        devices
+    }
+
+    fn fork(self, device: &Device) -> Self {
+        Self { entries: self.entries.into_iter().map(|(n, m)| (n, m.fork(device))).collect() }
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        Self { entries: self.entries.into_iter().map(|(n, m)| (n, m.to_device(device))).collect() }
+    }
+
+    fn train(self) -> Self {
+        Self { entries: self.entries.into_iter().map(|(n, m)| (n, m.train())).collect() }
+    }
+
+    fn valid(&self) -> Self {
+        Self { entries: self.entries.iter().map(|(n, m)| (n.clone(), m.valid())).collect() }
+    }
+
+    fn materialize(self) -> Self {
+        Self { entries: self.entries.into_iter().map(|(n, m)| (n, m.materialize())).collect() }
+    }
+
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        for (name, m) in &self.entries {
+            visitor.enter_module(name, "ModuleDict");
+            m.visit(visitor);
+            visitor.exit_module(name, "ModuleDict");
+        }
+    }
+
+    fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
+        let entries = self
+            .entries
+            .into_iter()
+            .map(|(name, m)| {
+                mapper.enter_module(&name, "ModuleDict");
+                let m = m.map(mapper);
+                mapper.exit_module(&name, "ModuleDict");
+                (name, m)
+            })
+            .collect();
+        Self { entries }
+    }
+}
+
+impl<T: ModuleDisplay> ModuleDisplayDefault for ModuleDict<T> {
+    fn content(&self, content: Content) -> Option<Content> {
+        self.entries
+            .iter()
+            .fold(content, |acc, (name, m)| acc.add(name, m))
+            .set_top_level_type("ModuleDict")
+            .optional()
+    }
+}
+
+impl<T: ModuleDisplay> ModuleDisplay for ModuleDict<T> {}

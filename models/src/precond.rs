@@ -1,0 +1,132 @@
+//! EDM's preconditioning (Karras et al. 2022, Table 1): the denoiser
+//! D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with c_noise = ln(sigma) / 4.
+
+use crate::config::{EdmConfig, ModelType};
+use crate::dhariwal::DhariwalUNet;
+use crate::mlp::ToyMlp;
+use crate::nn::Init;
+use crate::song::SongUNet;
+use burn::module::Module;
+use crate::config::ConfigError;
+use crate::weights::{load_named, named_tensors, write_atomic, NamedTensors, WeightError};
+use burn::tensor::{Device, Tensor};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+}
+
+/// `NET.safetensors` -> `NET.json`, where a network's config lives by default.
+pub fn config_path_for(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+/// The network F under the preconditioning; EDM's `model`.
+#[derive(Module, Debug)]
+pub enum Backbone {
+    Dhariwal(DhariwalUNet),
+    Song(SongUNet),
+    Mlp(ToyMlp),
+}
+
+#[derive(Module, Debug)]
+pub struct EdmPrecond {
+    pub model: Backbone,
+    #[module(skip)]
+    pub config: EdmConfig,
+}
+
+impl EdmPrecond {
+    /// A freshly initialised network (EDM's initialisation), deterministic in `seed`.
+    pub fn new(config: &EdmConfig, device: &Device, seed: u64) -> Self {
+        Self::build(config, &mut Init::new(device, seed))
+    }
+
+    fn build(config: &EdmConfig, init: &mut Init) -> Self {
+        let model = match config.model_type {
+            ModelType::DhariwalUNet => Backbone::Dhariwal(DhariwalUNet::new(config, init)),
+            ModelType::SongUNet => Backbone::Song(SongUNet::new(config, init)),
+            ModelType::ToyMLP => Backbone::Mlp(ToyMlp::new(config, init)),
+        };
+        Self { model, config: config.clone() }
+    }
+
+    /// The network of `config` with the weights of `tensors` (EDM's `state_dict` names).
+    /// `file` names the source in errors; `namespace` seeds the parameter ids (see `weights`).
+    pub fn from_named(config: &EdmConfig, tensors: &NamedTensors, file: &str, device: &Device, namespace: &str) -> Result<Self, WeightError> {
+        let net = Self::build(config, &mut Init::placeholder(device));
+        load_named(net, tensors, file, namespace)
+    }
+
+    /// Loads `weights` (safetensors) with its config `config` (JSON of EDM's kwargs).
+    pub fn load(weights: &Path, config: &Path, device: &Device, namespace: &str) -> Result<Self, ModelError> {
+        let cfg = EdmConfig::from_json_file(config)?;
+        let tensors = NamedTensors::read(weights)?;
+        Ok(Self::from_named(&cfg, &tensors, &weights.display().to_string(), device, namespace)?)
+    }
+
+    /// Writes the weights under EDM's names, and the config beside them (same path, `.json`).
+    pub fn save(&self, weights: &Path) -> Result<(), ModelError> {
+        let mut named = named_tensors(self);
+        named.metadata.insert("format".into(), "pt".into());
+        named.write(weights)?;
+        let json = config_path_for(weights);
+        write_atomic(&json, self.config.resolved().to_json().as_bytes())
+            .map_err(|e| WeightError::Io { path: json.display().to_string(), msg: e.to_string() })?;
+        Ok(())
+    }
+
+    pub fn label_dim(&self) -> usize {
+        self.config.label_dim
+    }
+
+    /// Image shape [C, H, W] the network works on.
+    pub fn image_shape(&self) -> [usize; 3] {
+        let r = self.config.img_resolution;
+        [self.config.img_channels, r, r]
+    }
+
+    pub fn sigma_data(&self) -> f64 {
+        self.config.sigma_data
+    }
+
+    /// D(x; sigma, labels). `x` [N, C, H, W], `sigma` [N], `class_labels` [N, L] (or `None`:
+    /// zeros, i.e. no class, as EDM does).
+    pub fn forward(&self, x: Tensor<4>, sigma: Tensor<1>, class_labels: Option<Tensor<2>>) -> Tensor<4> {
+        self.forward_augmented(x, sigma, class_labels, None)
+    }
+
+    pub fn forward_augmented(
+        &self,
+        x: Tensor<4>,
+        sigma: Tensor<1>,
+        class_labels: Option<Tensor<2>>,
+        augment_labels: Option<Tensor<2>>,
+    ) -> Tensor<4> {
+        let sd = self.config.sigma_data;
+        let n = sigma.dims()[0];
+        let labels = match (self.config.label_dim, class_labels) {
+            (0, _) => None,
+            (l, None) => Some(Tensor::zeros([1, l], &x.device())),
+            (_, Some(labels)) => Some(labels),
+        };
+        let sigma4 = sigma.clone().reshape([n, 1, 1, 1]);
+        let s2 = sigma4.clone().square();
+        let c_skip = s2.clone().add_scalar(sd * sd).recip().mul_scalar(sd * sd);
+        let c_out = sigma4.clone().mul_scalar(sd) / s2.clone().add_scalar(sd * sd).sqrt();
+        let c_in = s2.add_scalar(sd * sd).sqrt().recip();
+        let c_noise = sigma.log().div_scalar(4.0);
+
+        let x_in = x.clone() * c_in;
+        let f_x = match &self.model {
+            Backbone::Dhariwal(net) => net.forward(x_in, c_noise, labels, augment_labels),
+            Backbone::Song(net) => net.forward(x_in, c_noise, labels, augment_labels),
+            Backbone::Mlp(net) => net.forward(x_in, c_noise, labels),
+        };
+        x * c_skip + f_x * c_out
+    }
+}

@@ -1,0 +1,59 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use burn::tensor::Device;
+use dmd_models::{HostTensor, NamedTensors};
+use std::path::{Path, PathBuf};
+
+/// The reference cases computed with the official code: `$DMD_REFERENCE_DIR`, default
+/// `../shared/reference`. `None` (and a loud note) when absent: the test is skipped.
+pub fn reference_dir(sub: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("DMD_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"));
+    let dir = root.join(sub);
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("SKIPPED: reference folder {} not found (set DMD_REFERENCE_DIR)", dir.display());
+        None
+    }
+}
+
+/// The CPU backends every reference test runs on.
+pub fn cpu_backends() -> Vec<(&'static str, Device)> {
+    #[allow(deprecated)]
+    let ndarray = Device::ndarray();
+    vec![("flex", Device::flex()), ("ndarray", ndarray)]
+}
+
+pub fn read(path: &Path) -> NamedTensors {
+    NamedTensors::read(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn get<'a>(t: &'a NamedTensors, key: &str) -> &'a HostTensor {
+    t.get(key).unwrap_or_else(|| panic!("reference tensor `{key}` missing"))
+}
+
+/// ||a - b|| / ||b||, in float64.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+pub fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let err = rel_l2(&got.data, &want.data);
+    eprintln!("{what}: relative L2 error {err:.3e} (tolerance {tol:.0e})");
+    assert!(err <= tol, "{what}: relative L2 error {err:.3e} exceeds {tol:.0e}");
+}
+
+/// A scratch folder under the target directory, emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
