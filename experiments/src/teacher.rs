@@ -403,6 +403,8 @@ pub struct ToyEval {
     /// The same between two independent data sets of the same size: the floor.
     pub energy_distance_data_floor: f64,
     pub modes: Option<ModeStats>,
+    /// The same mode statistics for fresh data: what a perfect model reaches.
+    pub modes_data: Option<ModeStats>,
 }
 
 impl ToyEval {
@@ -411,13 +413,15 @@ impl ToyEval {
             "{:?}, {} samples at {} NFE: energy distance {:.5} (data-vs-data floor {:.5})",
             self.distribution, self.num_samples, self.nfe, self.energy_distance, self.energy_distance_data_floor
         );
-        if let Some(m) = &self.modes {
+        if let (Some(m), Some(d)) = (&self.modes, &self.modes_data) {
             s += &format!(
-                ", modes covered {}/{}, {:.1}% within 3 std of a mode, mode KL {:.4}",
+                ", modes covered {}/{}, {:.1}% within 3 std of a mode (data {:.1}%), mode KL {:.4} (data {:.4})",
                 m.modes_covered,
                 m.num_modes,
                 100.0 * m.frac_near_mode,
-                m.mode_kl
+                100.0 * d.frac_near_mode,
+                m.mode_kl,
+                d.mode_kl
             );
         }
         s
@@ -450,6 +454,7 @@ pub fn toy_eval_of(samples: &[f32], dist: &ToyDistribution, seed: u64, nfe: usiz
         energy_distance: energy_distance(samples, &data_a),
         energy_distance_data_floor: energy_distance(&data_b, &data_a),
         modes: dist.mixture().map(|m| mode_stats(samples, m)),
+        modes_data: dist.mixture().map(|m| mode_stats(&data_b, m)),
     }
 }
 

@@ -134,12 +134,14 @@ impl EdmConfig {
     /// Writes every key, defaults resolved, so the file says exactly what was built.
     pub fn resolved(&self) -> Self {
         let mut c = self.clone();
-        c.model_channels = Some(self.model_channels());
-        c.channel_mult = Some(self.channel_mult());
-        c.channel_mult_emb = Some(self.channel_mult_emb());
-        c.num_blocks = Some(self.num_blocks());
-        c.attn_resolutions = Some(self.attn_resolutions());
         c.dropout = Some(self.dropout());
+        if self.model_type != ModelType::ToyMLP {
+            c.model_channels = Some(self.model_channels());
+            c.channel_mult = Some(self.channel_mult());
+            c.channel_mult_emb = Some(self.channel_mult_emb());
+            c.num_blocks = Some(self.num_blocks());
+            c.attn_resolutions = Some(self.attn_resolutions());
+        }
         match self.model_type {
             ModelType::DhariwalUNet => c.channels_per_head = Some(self.channels_per_head()),
             ModelType::SongUNet => {
@@ -199,6 +201,16 @@ impl EdmConfig {
             }
             ModelType::ToyMLP => {
                 reject(&song_only, "ToyMLP")?;
+                let unet_only = [
+                    ("model_channels", self.model_channels.is_some()),
+                    ("channel_mult", self.channel_mult.is_some()),
+                    ("channel_mult_emb", self.channel_mult_emb.is_some()),
+                    ("num_blocks", self.num_blocks.is_some()),
+                    ("attn_resolutions", self.attn_resolutions.is_some()),
+                    ("channels_per_head", self.channels_per_head.is_some()),
+                    ("augment_dim", self.augment_dim > 0),
+                ];
+                reject(&unet_only, "ToyMLP")?;
                 if self.img_resolution != 1 {
                     return bad(format!("ToyMLP works on points stored as 1x1 images: img_resolution must be 1, got {}", self.img_resolution));
                 }
@@ -295,5 +307,42 @@ impl EdmConfig {
     /// EDM's `sigma_max` (unbounded when unset).
     pub fn sigma_max(&self) -> f64 {
         self.sigma_max.unwrap_or(f64::INFINITY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolved_configs_validate_and_keep_their_meaning() {
+        for json in [
+            r#"{"img_resolution": 16, "img_channels": 3, "model_type": "DhariwalUNet"}"#,
+            r#"{"img_resolution": 32, "img_channels": 3, "model_type": "SongUNet", "label_dim": 10}"#,
+            r#"{"img_resolution": 1, "img_channels": 2, "model_type": "ToyMLP"}"#,
+        ] {
+            let c = EdmConfig::from_json_str(json).unwrap();
+            let r = EdmConfig::from_json_str(&c.resolved().to_json()).unwrap();
+            assert_eq!(r.resolved(), c.resolved());
+            assert_eq!(r.channel_mult(), c.channel_mult());
+        }
+    }
+
+    #[test]
+    fn edm_defaults_follow_the_model_type() {
+        let adm = EdmConfig::from_json_str(r#"{"img_resolution": 64, "img_channels": 3}"#).unwrap();
+        assert_eq!((adm.model_channels(), adm.channel_mult(), adm.num_blocks()), (192, vec![1, 2, 3, 4], 3));
+        assert_eq!(adm.attn_resolutions(), vec![32, 16, 8]);
+        let song = EdmConfig::from_json_str(r#"{"img_resolution": 32, "img_channels": 3, "model_type": "SongUNet"}"#).unwrap();
+        assert_eq!((song.model_channels(), song.channel_mult(), song.num_blocks()), (128, vec![1, 2, 2, 2], 4));
+        assert_eq!(song.sigma_max(), f64::INFINITY);
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected_with_the_key() {
+        let err = |j: &str| EdmConfig::from_json_str(j).unwrap_err().to_string();
+        assert!(err(r#"{"img_resolution": 16, "img_channels": 3, "encoder_type": "residual"}"#).contains("encoder_type"));
+        assert!(err(r#"{"img_resolution": 12, "img_channels": 3, "channel_mult": [1, 2, 2, 2]}"#).contains("img_resolution 12"));
+        assert!(err(r#"{"img_resolution": 16, "img_channels": 3, "model_type": "SongUNet", "encoder_type": "fancy"}"#).contains("fancy"));
     }
 }

@@ -24,7 +24,10 @@ impl ToyMlp {
     pub fn new(cfg: &EdmConfig, init: &mut Init) -> Self {
         let hidden = cfg.hidden_dim();
         let c = cfg.img_channels;
-        let w = InitSpec::new(InitMode::XavierUniform, 1.0, 0.0);
+        // PyTorch's default Linear init (EDM's ADM `init`): U(+-1/sqrt(fan_in)) for weights and
+        // biases. (Xavier on the 2-wide input layer drowns the point in the noise embedding.)
+        let s = (1.0f64 / 3.0).sqrt();
+        let w = InitSpec::new(InitMode::KaimingUniform, s, s);
         Self {
             map_noise: PositionalEmbedding { num_channels: hidden, max_positions: 10000, endpoint: true },
             map_label: (cfg.label_dim > 0).then(|| Linear::new(init, cfg.label_dim, hidden, false, w)),

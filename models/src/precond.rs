@@ -64,8 +64,8 @@ impl EdmPrecond {
 
     /// Loads `weights` (safetensors) with its config `config` (JSON of EDM's kwargs).
     pub fn load(weights: &Path, config: &Path, device: &Device, namespace: &str) -> Result<Self, ModelError> {
-        let cfg = EdmConfig::from_json_file(config)?;
         let tensors = NamedTensors::read(weights)?;
+        let cfg = EdmConfig::from_json_file(config)?;
         Ok(Self::from_named(&cfg, &tensors, &weights.display().to_string(), device, namespace)?)
     }
 
