@@ -2,12 +2,11 @@
 //! ImageNet-64 teacher). Layer names follow EDM so its `state_dict` loads as is.
 
 use crate::config::EdmConfig;
-use crate::nn::{
+use crate::nn::{silu, 
     BlockSpec, Conv2d, ConvSpec, GroupNorm, Init, InitMode, InitSpec, Linear, ModuleDict, PositionalEmbedding,
     Resample, UNetBlock,
 };
 use burn::module::{Flag, Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 #[derive(Module, Debug)]

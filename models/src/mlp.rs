@@ -2,9 +2,8 @@
 //! `EdmPrecond`, sampler and losses as the UNets: a point is a [N, 2, 1, 1] "image".
 
 use crate::config::EdmConfig;
-use crate::nn::{label_dropout, Init, InitMode, InitSpec, Linear, PositionalEmbedding};
+use crate::nn::{silu, label_dropout, Init, InitMode, InitSpec, Linear, PositionalEmbedding};
 use burn::module::{Flag, Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 #[derive(Module, Debug)]

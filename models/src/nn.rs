@@ -8,9 +8,9 @@ use burn::module::{
     Param,
 };
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::{conv2d, conv_transpose2d};
-use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
+use burn::tensor::activation::softmax;
+use burn::tensor::module::{avg_pool2d, conv2d, conv_transpose2d};
+use burn::tensor::ops::{AvgPoolOptions, ConvOptions, ConvTransposeOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -194,6 +194,14 @@ impl Conv2d {
         };
         let down = |x: Tensor<4>, c: usize, pad: usize| conv2d(x, self.filter(c, 1.0), None, ConvOptions::new([2, 2], [pad, pad], [1, 1], c));
 
+        // EDM's default filter [1, 1] is a 2x2 box: down-sampling is a 2x2 average and
+        // up-sampling (filter * 4 = ones) repeats each pixel, both exact in float. Those ops
+        // are much faster than the depthwise (transposed) convolution on the CPU backends.
+        let boxed = f_pad == 0 && self.resample_filter.as_ref().is_some_and(|f| f.shape()[3] == 2);
+        let up = |x: Tensor<4>, c: usize, pad: usize| if boxed && pad == 0 { upsample_nearest2x(x) } else { up(x, c, pad) };
+        let down = |x: Tensor<4>, c: usize, pad: usize| {
+            if boxed && pad == 0 { avg_pool2d(x, AvgPoolOptions::new([2, 2])) } else { down(x, c, pad) }
+        };
         let x = match (self.resample, w) {
             (Resample::Up, Some(w)) if self.fused_resample => {
                 let x = up(x, self.in_channels, f_pad.saturating_sub(w_pad));
@@ -220,6 +228,18 @@ impl Conv2d {
             None => x,
         }
     }
+}
+
+/// SiLU, x * sigmoid(x), written as x / (1 + exp(-x)): the same function, about 2.5x faster
+/// than Burn's composite `silu` on the flex backend.
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() / x.neg().exp().add_scalar(1.0)
+}
+
+/// Repeats every pixel 2x2: [N, C, H, W] -> [N, C, 2H, 2W].
+fn upsample_nearest2x(x: Tensor<4>) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h, 1, w, 1]).expand([n, c, h, 2, w, 2]).reshape([n, c, 2 * h, 2 * w])
 }
 
 /// Group normalisation with EDM's group count: min(num_groups, channels / 4).

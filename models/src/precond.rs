@@ -130,3 +130,47 @@ impl EdmPrecond {
         x * c_skip + f_x * c_out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::HostTensor;
+    use burn::module::Module;
+
+    fn out(net: &EdmPrecond, device: &Device, labels: bool) -> Vec<f32> {
+        let n = 4;
+        let x = HostTensor::new(vec![n, 3, 8, 8], (0..n * 192).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect());
+        let s = HostTensor::new(vec![n], vec![0.5; n]);
+        let l = HostTensor::new(vec![n, 3], (0..n * 3).map(|i| if i % 3 == 1 { 1.0 } else { 0.0 }).collect());
+        let y = net.forward(x.to_tensor(device), s.to_tensor(device), labels.then(|| l.to_tensor(device)));
+        HostTensor::from_tensor(y).data
+    }
+
+    #[test]
+    fn dropout_and_label_dropout_only_in_training() {
+        let cfg = EdmConfig::from_json_str(
+            r#"{"img_resolution": 8, "img_channels": 3, "label_dim": 3, "model_type": "SongUNet", "model_channels": 16,
+                "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.3, "label_dropout": 0.5}"#,
+        )
+        .unwrap();
+        let plain = Device::flex();
+        let ad = plain.clone().autodiff();
+        // Training (autodiff device): two calls draw different masks.
+        let net = EdmPrecond::new(&cfg, &ad, 0);
+        ad.seed(1);
+        let a = out(&net, &ad, true);
+        let b = out(&net, &ad, true);
+        assert_ne!(a, b, "dropout must be active in training");
+        // Evaluation (`valid()`, plain device): deterministic, and equal to the same network
+        // with dropout switched off.
+        let eval = net.valid();
+        assert_eq!(out(&eval, &plain, true), out(&eval, &plain, true));
+        let mut cfg0 = cfg.clone();
+        cfg0.dropout = Some(0.0);
+        cfg0.label_dropout = 0.0;
+        let net0 = EdmPrecond::new(&cfg0, &plain, 0);
+        assert_eq!(out(&eval, &plain, true), out(&net0, &plain, true));
+        // No labels means zero labels (EDM's default).
+        assert_ne!(out(&eval, &plain, false), out(&eval, &plain, true));
+    }
+}

@@ -2,12 +2,11 @@
 //! option of the original (embedding, encoder and decoder types, resample filter).
 
 use crate::config::{DecoderType, EdmConfig, EmbeddingType, EncoderType};
-use crate::nn::{
+use crate::nn::{silu, 
     label_dropout, BlockSpec, Conv2d, ConvSpec, FourierEmbedding, GroupNorm, Init, InitMode, InitSpec, Linear,
     ModuleDict, NoiseEmbedding, PositionalEmbedding, Resample, UNetBlock,
 };
 use burn::module::{Flag, Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 /// Entries of the encoder, in EDM's order; the name in the dict says which role (`*_aux_*`).
