@@ -118,3 +118,60 @@ fn bad_configs_give_one_line_errors() {
         }
     }
 }
+
+#[test]
+fn unet_teacher_trains_on_an_edm_dataset_and_samples() {
+    let tmp = scratch("teacher_unet");
+    // A small labelled dataset in EDM's format.
+    let data = tmp.join("data");
+    std::fs::create_dir_all(data.join("00000")).unwrap();
+    let mut labels = Vec::new();
+    for i in 0..6u32 {
+        let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30 + i * 5) as u8, (y * 30) as u8, (i * 40) as u8]));
+        let name = format!("00000/img{i:08}.png");
+        img.save(data.join(&name)).unwrap();
+        labels.push(serde_json::json!([name, i % 3]));
+    }
+    std::fs::write(data.join("dataset.json"), serde_json::json!({ "labels": labels }).to_string()).unwrap();
+    let run = tmp.join("run");
+    let config = format!(
+        r#"
+out_dir = "{}"
+[data]
+kind = "edm"
+path = "{}"
+conditional = true
+[network]
+model_type = "SongUNet"
+model_channels = 16
+channel_mult = [1, 2]
+num_blocks = 1
+attn_resolutions = [4]
+dropout = 0.1
+label_dropout = 0.1
+[train]
+batch_size = 4
+total_steps = 3
+lr_rampup_kimg = 0.01
+checkpoint_every = 2
+sample_every = 3
+"#,
+        run.display(),
+        data.display()
+    );
+    let cfg_path = tmp.join("unet.toml");
+    std::fs::write(&cfg_path, config).unwrap();
+    let o = dmd(&["train-teacher", "--config", cfg_path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run.join("samples/step-0000003.png").exists());
+    let teacher = run.join("teacher.safetensors");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("teacher.json")).unwrap()).unwrap();
+    assert_eq!((cfg["img_resolution"].as_u64(), cfg["label_dim"].as_u64()), (Some(8), Some(3)));
+    let out = tmp.join("s.safetensors");
+    let o = dmd(&["sample", "--teacher", teacher.to_str().unwrap(), "--seeds", "0-1", "--class", "1", "--steps", "3", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let images = read(&out);
+    let x = get(&images, "images");
+    assert_eq!(x.shape, [2, 3, 8, 8]);
+    assert!(x.data.iter().all(|v| v.is_finite()));
+}

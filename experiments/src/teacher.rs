@@ -200,10 +200,15 @@ pub fn run_from_file(path: &Path, device: Option<Backend>, out: Option<PathBuf>,
     train(&cfg, true)
 }
 
-/// The config a run must keep to be resumed: all but the length, device and output folder.
+/// The config a run must keep to be resumed: what shapes the trained weights. The length,
+/// device, output folder, logging/checkpoint/sample intervals and evaluation may change.
 fn resume_key(cfg: &TeacherConfig) -> TeacherConfig {
     let mut c = cfg.clone();
     c.train.total_steps = 0;
+    c.train.log_every = 0;
+    c.train.checkpoint_every = 0;
+    c.train.sample_every = 0;
+    c.eval = EvalConfig::default();
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
     c
@@ -236,6 +241,11 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
         .with_beta_2(t.adam_betas[1] as f32)
         .with_epsilon(t.adam_eps as f32);
     let ckpt = run.checkpoint();
+    let previous = ckpt.with_extension("old");
+    if !ckpt.exists() && previous.join("state.json").exists() {
+        // Interrupted between the two renames of `save_checkpoint`: the old one is whole.
+        std::fs::rename(&previous, &ckpt)?;
+    }
     let (mut net, mut ema, mut optim, start, mut images_seen) = if ckpt.join("state.json").exists() {
         let state: TrainState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)
             .with_context(|| ckpt.join("state.json").display().to_string())?;

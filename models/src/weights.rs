@@ -153,6 +153,18 @@ impl PathStack {
     }
 }
 
+/// The path bookkeeping shared by every named visitor and mapper (a `path: PathStack` field).
+macro_rules! track_path {
+    () => {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+    };
+}
+
 /// A stable 64-bit id for a parameter: FNV-1a of "namespace/name".
 pub fn param_id(namespace: &str, key: &str) -> ParamId {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -169,12 +181,7 @@ struct Collector {
 }
 
 impl ModuleVisitor for Collector {
-    fn enter_module(&mut self, name: &str, container: &str) {
-        self.path.enter(name, container);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
+    track_path!();
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         self.out.insert(self.path.key(), HostTensor::from_tensor(param.val()));
     }
@@ -189,21 +196,19 @@ pub fn named_tensors<M: Module>(module: &M) -> NamedTensors {
 
 /// Names and shapes of every parameter of `module`.
 pub fn named_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
-    struct Shapes(PathStack, BTreeMap<String, Vec<usize>>);
+    struct Shapes {
+        path: PathStack,
+        out: BTreeMap<String, Vec<usize>>,
+    }
     impl ModuleVisitor for Shapes {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.0.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.exit();
-        }
+        track_path!();
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.1.insert(self.0.key(), param.lazy_shape().to_vec());
+            self.out.insert(self.path.key(), param.lazy_shape().to_vec());
         }
     }
-    let mut s = Shapes(PathStack::default(), BTreeMap::new());
+    let mut s = Shapes { path: PathStack::default(), out: BTreeMap::new() };
     module.visit(&mut s);
-    s.1
+    s.out
 }
 
 struct Loader<'a> {
@@ -213,12 +218,7 @@ struct Loader<'a> {
 }
 
 impl ModuleMapper for Loader<'_> {
-    fn enter_module(&mut self, name: &str, container: &str) {
-        self.path.enter(name, container);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
+    track_path!();
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let key = self.path.key();
         let t = self.source.get(&key).expect("checked before loading");
@@ -285,12 +285,7 @@ struct IdAssigner<'a> {
 }
 
 impl ModuleMapper for IdAssigner<'_> {
-    fn enter_module(&mut self, name: &str, container: &str) {
-        self.path.enter(name, container);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
+    track_path!();
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let id = param_id(self.namespace, &self.path.key());
         let (_, tensor, mapper) = param.consume();
@@ -311,12 +306,7 @@ pub fn fork_named<M: Module>(module: &M, namespace: &str) -> M {
         namespace: &'a str,
     }
     impl ModuleMapper for Detach<'_> {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.path.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
+        track_path!();
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let id = param_id(self.namespace, &self.path.key());
             let require_grad = param.is_require_grad();
@@ -331,42 +321,38 @@ pub fn fork_named<M: Module>(module: &M, namespace: &str) -> M {
 
 /// Every parameter of `module`, flattened to 1-D and without autodiff, by EDM name.
 pub fn flat_params<M: Module>(module: &M) -> BTreeMap<String, Tensor<1>> {
-    struct Flat(PathStack, BTreeMap<String, Tensor<1>>);
+    struct Flat {
+        path: PathStack,
+        out: BTreeMap<String, Tensor<1>>,
+    }
     impl ModuleVisitor for Flat {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.0.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.exit();
-        }
+        track_path!();
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.1.insert(self.0.key(), param.val().inner().reshape([-1]));
+            self.out.insert(self.path.key(), param.val().inner().reshape([-1]));
         }
     }
-    let mut f = Flat(PathStack::default(), BTreeMap::new());
+    let mut f = Flat { path: PathStack::default(), out: BTreeMap::new() };
     module.visit(&mut f);
-    f.1
+    f.out
 }
 
 /// Replaces every parameter value by `f(name, value flattened to 1-D)` (reshaped back); ids,
 /// trainability and devices are kept.
 pub fn map_params_flat<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Tensor<1>) -> M {
-    struct MapFlat<F>(PathStack, F);
+    struct MapFlat<F> {
+        path: PathStack,
+        f: F,
+    }
     impl<F: FnMut(&str, Tensor<1>) -> Tensor<1>> ModuleMapper for MapFlat<F> {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.0.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.exit();
-        }
+        track_path!();
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let key = self.0.key();
-            let f = &mut self.1;
+            let key = self.path.key();
+            let f = &mut self.f;
             param.map(|t| {
                 let dims = t.dims();
                 f(&key, t.reshape([-1])).reshape(dims)
             })
         }
     }
-    module.map(&mut MapFlat(PathStack::default(), f))
+    module.map(&mut MapFlat { path: PathStack::default(), f })
 }
