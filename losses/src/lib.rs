@@ -1,5 +1,7 @@
 //! Losses of dmd-burn, each a short function over backend-agnostic tensors.
 //!
 //! - [`edm`]: EDM's denoising score-matching loss, which trains the teacher.
+//! - [`dmd`]: DMD's distribution-matching loss (generator) and fake-score loss.
 
+pub mod dmd;
 pub mod edm;

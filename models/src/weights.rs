@@ -44,7 +44,7 @@ pub enum WeightError {
     Io { path: String, msg: String },
     #[error("{path}: not a valid safetensors file: {msg}")]
     Format { path: String, msg: String },
-    #[error("{path}: tensor `{key}` has dtype {dtype}; only F32, F64, F16 and BF16 are read")]
+    #[error("{path}: tensor `{key}` has dtype {dtype}; only F32, F64, F16, BF16, I64, I32 and U8 are read")]
     DType { path: String, key: String, dtype: String },
     #[error("{path}: missing tensor `{key}` (the network expects shape {expected:?}){more}")]
     Missing { path: String, key: String, expected: Vec<usize>, more: String },
@@ -132,6 +132,10 @@ fn view_to_f32(view: &TensorView) -> Option<Vec<f32>> {
         Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
         Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        // Integer tensors (indices, labels) are read as float32 too: exact below 2^24.
+        Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        Dtype::U8 => b.iter().map(|&v| v as f32).collect(),
         _ => return None,
     })
 }
