@@ -1,6 +1,6 @@
 //! The `dmd` command line.
 
-use crate::{bench, device::Backend, sample, teacher};
+use crate::{bench, device::Backend, distill, pairs, sample, teacher};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -30,6 +30,19 @@ pub enum Command {
         #[arg(long)]
         steps: Option<usize>,
     },
+    /// Write the teacher's deterministic ODE outputs for seeded noise (DMD's paired data).
+    MakePairs(pairs::MakePairsArgs),
+    /// Distil a teacher into a one-step generator (DMD / DMD2) from a TOML config.
+    Distill {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        device: Option<Backend>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        steps: Option<usize>,
+    },
     /// Evaluate a network trained on a built-in 2-D toy distribution (energy distance, modes).
     EvalToy(teacher::EvalToyArgs),
     /// Print speed benchmarks (denoiser images/s, training step time) per CPU backend.
@@ -40,6 +53,14 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(&args),
         Command::TrainTeacher { config, device, out, steps } => teacher::run_from_file(&config, device, out, steps).map(|_| ()),
+        Command::MakePairs(args) => pairs::run(&args),
+        Command::Distill { config, device, out, steps } => {
+            let mut cfg = distill::DistillConfig::from_file(&config)?;
+            cfg.device = device.unwrap_or(cfg.device);
+            cfg.out_dir = out.unwrap_or(cfg.out_dir);
+            cfg.train.total_steps = steps.unwrap_or(cfg.train.total_steps);
+            distill::distill(&cfg, true).map(|_| ())
+        }
         Command::EvalToy(args) => teacher::eval_toy_cmd(&args),
         Command::Bench(args) => bench::run(&args),
     }

@@ -1,11 +1,15 @@
 //! Training, evaluation and the `dmd` command line of dmd-burn.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod distill;
 pub mod ema;
 pub mod metrics;
+pub mod optim;
 pub mod output;
+pub mod pairs;
 pub mod sample;
 pub mod teacher;

@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args, Debug, Clone)]
 pub struct SampleArgs {
     /// The network: EDM weights as safetensors (EDM's state_dict names).
+    #[arg(long, required_unless_present = "generator", conflicts_with = "generator")]
+    pub teacher: Option<PathBuf>,
+    /// A one-step generator from `dmd distill`: one denoiser call at sigma_max (`--steps 1`).
     #[arg(long)]
-    pub teacher: PathBuf,
+    pub generator: Option<PathBuf>,
     /// Its config (EDM's constructor kwargs as JSON); default: the same path with `.json`.
     #[arg(long)]
     pub teacher_config: Option<PathBuf>,
@@ -28,9 +31,10 @@ pub struct SampleArgs {
     /// Class of every image (conditional networks); default: a random class per seed.
     #[arg(long)]
     pub class: Option<usize>,
-    /// Number of noise levels (1 = a single denoiser call at sigma_max).
-    #[arg(long, default_value_t = 18)]
-    pub steps: usize,
+    /// Number of noise levels (1 = a single denoiser call at sigma_max); default 18 for a
+    /// teacher, 1 for a generator.
+    #[arg(long)]
+    pub steps: Option<usize>,
     #[arg(long, default_value = "heun")]
     pub sampler: Solver,
     /// Stochasticity S_churn of EDM's stochastic sampler (0: deterministic).
@@ -181,9 +185,14 @@ pub fn sample_batched(
 }
 
 pub fn run(args: &SampleArgs) -> Result<()> {
+    let (weights, default_steps) = match (&args.teacher, &args.generator) {
+        (Some(t), _) => (t.clone(), 18),
+        (None, Some(g)) => (g.clone(), 1),
+        (None, None) => bail!("give --teacher NET or --generator NET"),
+    };
     let cfg = SamplerConfig {
         solver: args.sampler,
-        num_steps: args.steps,
+        num_steps: args.steps.unwrap_or(default_steps),
         sigma_min: args.sigma_min,
         sigma_max: args.sigma_max,
         rho: args.rho,
@@ -197,8 +206,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let device = args.device.device()?;
-    let config_path = args.teacher_config.clone().unwrap_or_else(|| config_path_for(&args.teacher));
-    let net = EdmPrecond::load(&args.teacher, &config_path, &device, "teacher")?;
+    let config_path = args.teacher_config.clone().unwrap_or_else(|| config_path_for(&weights));
+    let net = EdmPrecond::load(&weights, &config_path, &device, "teacher")?;
     let shape = net.image_shape();
     let label_dim = net.label_dim();
     if let Some(k) = args.class {

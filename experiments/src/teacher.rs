@@ -4,6 +4,7 @@
 //! Every random draw of step `s` comes from generators seeded by (seed, s), so a resumed run
 //! repeats the uninterrupted one exactly.
 
+use crate::checkpoint::{append_jsonl, guard_config, recover, truncate_jsonl, write_dir_atomically};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
@@ -22,7 +23,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -224,16 +224,8 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
 
     // Resume when the folder holds a checkpoint of the same config.
     let saved_cfg = run.config();
-    if saved_cfg.exists() {
-        let old = TeacherConfig::from_file(&saved_cfg)?;
-        if resume_key(&old) != resume_key(cfg) {
-            bail!(
-                "{}: this run folder was started with a different config; choose another out_dir or delete the folder",
-                saved_cfg.display()
-            );
-        }
-    }
-    write_atomic(&saved_cfg, toml::to_string_pretty(cfg)?.as_bytes())?;
+    let previous = if saved_cfg.exists() { Some(TeacherConfig::from_file(&saved_cfg)?) } else { None };
+    guard_config(&saved_cfg, cfg, previous, resume_key)?;
 
     let t = &cfg.train;
     let adam = AdamConfig::new()
@@ -241,11 +233,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
         .with_beta_2(t.adam_betas[1] as f32)
         .with_epsilon(t.adam_eps as f32);
     let ckpt = run.checkpoint();
-    let previous = ckpt.with_extension("old");
-    if !ckpt.exists() && previous.join("state.json").exists() {
-        // Interrupted between the two renames of `save_checkpoint`: the old one is whole.
-        std::fs::rename(&previous, &ckpt)?;
-    }
+    recover(&ckpt)?;
     let (mut net, mut ema, mut optim, start, mut images_seen) = if ckpt.join("state.json").exists() {
         let state: TrainState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)
             .with_context(|| ckpt.join("state.json").display().to_string())?;
@@ -262,7 +250,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
         let ema = fork_named(&net.valid(), "ema");
         (net, ema, adam.init(), 0, 0)
     };
-    truncate_metrics(&run.metrics(), start)?;
+    truncate_jsonl(&run.metrics(), start)?;
 
     let n_params: usize = dmd_models::weights::named_shapes(&net).values().map(|s| s.iter().product::<usize>()).sum();
     eprintln!(
@@ -318,7 +306,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
                 "ema_beta": beta,
                 "samples_per_s": (window.1 * bs) as f64 / secs.max(1e-9),
             });
-            append_line(&run.metrics(), &line.to_string())?;
+            append_jsonl(&run.metrics(), &line)?;
             bar.set_message(format!("train-teacher loss {mean_loss:.4}"));
             window = (0.0, 0, Instant::now());
         }
@@ -346,45 +334,15 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
     Ok(TeacherRun { teacher: run.teacher(), eval })
 }
 
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| path.display().to_string())?;
-    writeln!(f, "{line}")?;
-    Ok(())
-}
-
-/// Drops metric lines past the step a run resumes from (left by an interrupted run).
-fn truncate_metrics(path: &Path, from_step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= from_step))
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    write_atomic(path, out.as_bytes())?;
-    Ok(())
-}
-
-/// Writes the checkpoint into a fresh folder, then swaps it in, so a crash never leaves a
-/// half-written checkpoint.
+/// The checkpoint: both networks under EDM's names, the optimiser, the step.
 fn save_checkpoint(dir: &Path, net: &EdmPrecond, ema: &EdmPrecond, optim: &ModuleOptimizer, state: TrainState) -> Result<()> {
-    let tmp = dir.with_extension("tmp");
-    let old = dir.with_extension("old");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    net.save(&tmp.join("net.safetensors"))?;
-    ema.save(&tmp.join("ema.safetensors"))?;
-    optim.save(tmp.join("optim.bpk")).map_err(|e| anyhow::anyhow!("{}: {e:?}", tmp.join("optim.bpk").display()))?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_string(&state)?)?;
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old)?;
-    }
-    std::fs::rename(&tmp, dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    write_dir_atomically(dir, |tmp| {
+        net.save(&tmp.join("net.safetensors"))?;
+        ema.save(&tmp.join("ema.safetensors"))?;
+        optim.save(tmp.join("optim.bpk")).map_err(|e| anyhow::anyhow!("{}: {e:?}", tmp.join("optim.bpk").display()))?;
+        std::fs::write(tmp.join("state.json"), serde_json::to_string(&state)?)?;
+        Ok(())
+    })
 }
 
 /// A sample grid (or scatter plot for 2-D points) of the network.

@@ -1,0 +1,68 @@
+//! Run-folder bookkeeping shared by the training commands: atomic checkpoint folders, the
+//! recorded config that a resumed run must match, and the JSON-lines metrics log.
+
+use anyhow::{bail, Result};
+use dmd_models::weights::write_atomic;
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+
+/// Writes a checkpoint folder through `write` into `DIR.tmp`, then swaps it in place of `dir`,
+/// so a crash never leaves a half-written checkpoint.
+pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    write(&tmp)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// After a crash between the two renames of [`write_dir_atomically`], the previous checkpoint
+/// is whole in `DIR.old`: put it back.
+pub fn recover(dir: &Path) -> Result<()> {
+    let old = dir.with_extension("old");
+    if !dir.exists() && old.join("state.json").exists() {
+        std::fs::rename(&old, dir)?;
+    }
+    Ok(())
+}
+
+/// Records `cfg` in `path`; if the folder already holds a config whose `key` differs (what
+/// shapes the trained weights), refuses to resume.
+pub fn guard_config<T: Serialize + PartialEq>(path: &Path, cfg: &T, previous: Option<T>, key: impl Fn(&T) -> T) -> Result<()> {
+    if let Some(old) = previous {
+        if key(&old) != key(cfg) {
+            bail!("{}: this run folder was started with a different config; choose another out_dir or delete the folder", path.display());
+        }
+    }
+    write_atomic(path, toml::to_string_pretty(cfg)?.as_bytes())?;
+    Ok(())
+}
+
+pub fn append_jsonl(path: &Path, line: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{line}")?;
+    Ok(())
+}
+
+/// Drops log lines past the step a run resumes from (left by an interrupted run).
+pub fn truncate_jsonl(path: &Path, from_step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= from_step))
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())?;
+    Ok(())
+}

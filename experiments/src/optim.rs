@@ -1,0 +1,52 @@
+//! Optimiser helpers Burn leaves to the user: clipping by the global gradient norm (PyTorch's
+//! `clip_grad_norm_`, as DMD2 uses; Burn's own clipping is per parameter) and linear warm-up.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+/// Scales every gradient of `module` so that their global L2 norm is at most `max_norm`
+/// (no-op when `max_norm` is not positive). Returns the norm before clipping.
+pub fn clip_grad_norm<M: Module>(grads: &mut GradientsParams, module: &M, max_norm: f64) -> f64 {
+    struct SumSquares<'a> {
+        grads: &'a GradientsParams,
+        total: f64,
+    }
+    impl ModuleVisitor for SumSquares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.total += g.square().sum().into_scalar::<f64>();
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+        ids: Vec<ParamId>,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+                self.ids.push(param.id);
+            }
+        }
+    }
+    let mut s = SumSquares { grads, total: 0.0 };
+    module.visit(&mut s);
+    let norm = s.total.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        module.visit(&mut Scale { grads, factor, ids: Vec::new() });
+    }
+    norm
+}
+
+/// Learning rate with linear warm-up over `warmup_steps` (0: none).
+pub fn warmup_lr(base: f64, step: usize, warmup_steps: usize) -> f64 {
+    if warmup_steps == 0 {
+        base
+    } else {
+        base * ((step + 1) as f64 / warmup_steps as f64).min(1.0)
+    }
+}

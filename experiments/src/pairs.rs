@@ -1,0 +1,149 @@
+//! `dmd make-pairs`: the teacher's deterministic ODE outputs for seeded noise, the paired data
+//! of DMD's regression loss. Written as shards (`pairs-000000.safetensors`, tensors `latents`
+//! [n,C,H,W], `images` [n,C,H,W] and for conditional teachers `labels` [n,L]) beside a
+//! `pairs.json` manifest; a rerun skips finished shards, so an interrupted job resumes.
+
+use crate::device::Backend;
+use crate::sample::{concat_rows, latents_from_seeds, progress, sample_batched};
+use anyhow::{bail, Context, Result};
+use dmd_models::weights::write_atomic;
+use dmd_models::{config_path_for, EdmPrecond, HostTensor, NamedTensors, SamplerConfig, Solver};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MakePairsArgs {
+    #[arg(long)]
+    pub teacher: PathBuf,
+    #[arg(long)]
+    pub teacher_config: Option<PathBuf>,
+    /// Number of pairs.
+    #[arg(long)]
+    pub num: usize,
+    /// Heun steps of the teacher (DMD: 256 for ImageNet, 18 for CIFAR-10).
+    #[arg(long, default_value_t = 18)]
+    pub steps: usize,
+    /// Pair i uses seed `seed + i`.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1000)]
+    pub shard_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub device: Backend,
+}
+
+/// What a pairs folder holds; a rerun must ask for the same.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairsManifest {
+    pub teacher: PathBuf,
+    pub num: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub shard_size: usize,
+    pub image_shape: [usize; 3],
+    pub label_dim: usize,
+}
+
+fn shard_path(dir: &Path, k: usize) -> PathBuf {
+    dir.join(format!("pairs-{k:06}.safetensors"))
+}
+
+pub fn run(args: &MakePairsArgs) -> Result<()> {
+    if args.num == 0 || args.shard_size == 0 || args.batch == 0 {
+        bail!("--num, --shard-size and --batch must be positive");
+    }
+    let device = args.device.device()?;
+    let cfg_path = args.teacher_config.clone().unwrap_or_else(|| config_path_for(&args.teacher));
+    let net = EdmPrecond::load(&args.teacher, &cfg_path, &device, "teacher")?;
+    let manifest = PairsManifest {
+        teacher: args.teacher.clone(),
+        num: args.num,
+        steps: args.steps,
+        seed: args.seed,
+        shard_size: args.shard_size,
+        image_shape: net.image_shape(),
+        label_dim: net.label_dim(),
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
+    let mpath = args.out.join("pairs.json");
+    if mpath.exists() {
+        let old: PairsManifest = serde_json::from_str(&std::fs::read_to_string(&mpath)?).with_context(|| mpath.display().to_string())?;
+        if old != manifest {
+            bail!("{}: this folder holds pairs made with other settings; choose another --out", mpath.display());
+        }
+    }
+    write_atomic(&mpath, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    let sampler = SamplerConfig { solver: Solver::Heun, num_steps: args.steps, ..SamplerConfig::default() };
+    let shards = args.num.div_ceil(args.shard_size);
+    let bar = progress(args.num as u64, "make-pairs");
+    for k in 0..shards {
+        let start = k * args.shard_size;
+        let end = (start + args.shard_size).min(args.num);
+        if shard_path(&args.out, k).exists() {
+            bar.inc((end - start) as u64);
+            continue;
+        }
+        let seeds: Vec<u64> = (start..end).map(|i| args.seed + i as u64).collect();
+        let (latents, labels) = latents_from_seeds(&seeds, manifest.image_shape, manifest.label_dim, None);
+        let images = sample_batched(&net, &device, &latents, labels.as_ref(), &sampler, &seeds, args.batch, false);
+        let mut shard = NamedTensors::default();
+        shard.insert("latents", latents);
+        shard.insert("images", images);
+        if let Some(l) = labels {
+            shard.insert("labels", l);
+        }
+        shard.write(&shard_path(&args.out, k))?;
+        bar.inc((end - start) as u64);
+    }
+    bar.finish_and_clear();
+    eprintln!("{} pairs ({} Heun steps of the teacher) in {}", args.num, args.steps, args.out.display());
+    Ok(())
+}
+
+/// All pairs of a folder made by `make-pairs`: (latents, images, labels).
+pub struct Pairs {
+    pub latents: HostTensor,
+    pub images: HostTensor,
+    pub labels: Option<HostTensor>,
+}
+
+impl Pairs {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mpath = dir.join("pairs.json");
+        let m: PairsManifest = serde_json::from_str(&std::fs::read_to_string(&mpath).with_context(|| mpath.display().to_string())?)
+            .with_context(|| mpath.display().to_string())?;
+        let shards = m.num.div_ceil(m.shard_size);
+        let (mut lat, mut img, mut lab) = (Vec::new(), Vec::new(), Vec::new());
+        for k in 0..shards {
+            let p = shard_path(dir, k);
+            if !p.exists() {
+                bail!("{}: missing; finish the pairs with `dmd make-pairs` (it resumes)", p.display());
+            }
+            let t = NamedTensors::read(&p)?;
+            let get = |key: &str| t.get(key).cloned().with_context(|| format!("{}: no tensor `{key}`", p.display()));
+            lat.push(get("latents")?);
+            img.push(get("images")?);
+            if m.label_dim > 0 {
+                lab.push(get("labels")?);
+            }
+        }
+        Ok(Self {
+            latents: concat_rows(&lat),
+            images: concat_rows(&img),
+            labels: (m.label_dim > 0).then(|| concat_rows(&lab)),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.latents.shape[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
