@@ -2,6 +2,7 @@
 //! (forward + backward + Adam) per backend. Numbers are printed, never asserted.
 
 use crate::device::Backend;
+use crate::distill::{DistillConfig, Distiller};
 use anyhow::{Context, Result};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -58,6 +59,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median time of one DMD iteration (generator update with the distribution-matching loss,
+/// then a fake-score update) with real score, fake score and generator all of `net`'s shape.
+fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Result<f64> {
+    let dir = std::env::temp_dir().join(format!("dmd-bench-{}", std::process::id()));
+    let weights = dir.join("teacher.safetensors");
+    net.save(&weights)?;
+    let cfg: DistillConfig = toml::from_str(&format!(
+        "out_dir = \"{}\"\ndevice = \"{backend}\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {}\n",
+        dir.display(),
+        weights.display(),
+        args.batch
+    ))?;
+    let mut d = Distiller::new(&cfg, None)?;
+    let mut times = Vec::new();
+    for step in 0..=args.train_iters.max(1) {
+        let t = Instant::now();
+        d.step(step)?;
+        if step > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(median(times))
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let cfg = match &args.config {
         Some(p) => EdmConfig::from_json_file(p)?,
@@ -65,7 +91,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let name = args.config.as_ref().map_or("adm_tiny".to_string(), |p| p.display().to_string());
     println!("# dmd bench: {name}, {:?}, batch {}, {} threads available", cfg.model_type, args.batch, std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!("{:<8} {:>22} {:>26}", "backend", "forward (images/s)", "train step (ms/step)");
+    println!("{:<8} {:>20} {:>22} {:>24}", "backend", "forward (images/s)", "teacher step (ms)", "DMD iteration (ms)");
     for backend in &args.backends {
         let device = backend.device()?;
         let net = EdmPrecond::new(&cfg, &device, 0);
@@ -100,7 +126,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             format!("{:.1}", median(times) * 1000.0)
         };
-        println!("{:<8} {:>22.1} {:>26}", backend.to_string(), args.batch as f64 / fwd_s, train_ms);
+        let dmd_ms = if args.no_train { "-".to_string() } else { format!("{:.1}", dmd_iteration_s(&net, *backend, args)? * 1000.0) };
+        println!("{:<8} {:>20.1} {:>22} {:>24}", backend.to_string(), args.batch as f64 / fwd_s, train_ms, dmd_ms);
     }
     Ok(())
 }
