@@ -1,11 +1,18 @@
 //! Run-folder bookkeeping shared by the training commands: atomic checkpoint folders, the
 //! recorded config that a resumed run must match, and the JSON-lines metrics log.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use dmd_models::weights::write_atomic;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
+
+/// Reads a TOML config; a syntax error or unknown key is one line naming the file.
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+}
 
 /// Writes a checkpoint folder through `write` into `DIR.tmp`, then swaps it in place of `dir`,
 /// so a crash never leaves a half-written checkpoint.

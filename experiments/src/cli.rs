@@ -17,48 +17,53 @@ pub enum Command {
     /// Sample images from a network with EDM's Heun/Euler/stochastic sampler.
     Sample(sample::SampleArgs),
     /// Train an EDM teacher from a TOML config (resumes from the run's checkpoint).
-    TrainTeacher {
-        #[arg(long)]
-        config: PathBuf,
-        /// Override the config's device.
-        #[arg(long, value_enum)]
-        device: Option<Backend>,
-        /// Override the config's output folder.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Override the config's number of training steps.
-        #[arg(long)]
-        steps: Option<usize>,
-    },
+    TrainTeacher(RunArgs),
     /// Write the teacher's deterministic ODE outputs for seeded noise (DMD's paired data).
     MakePairs(pairs::MakePairsArgs),
     /// Distil a teacher into a one-step generator (DMD / DMD2) from a TOML config.
-    Distill {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long, value_enum)]
-        device: Option<Backend>,
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long)]
-        steps: Option<usize>,
-    },
+    Distill(RunArgs),
     /// Evaluate a network trained on a built-in 2-D toy distribution (energy distance, modes).
     EvalToy(teacher::EvalToyArgs),
     /// Print speed benchmarks (denoiser images/s, training step time) per CPU backend.
     Bench(bench::BenchArgs),
 }
 
+/// A training run from a config file, with the overrides a user needs without editing it.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override the config's device.
+    #[arg(long, value_enum)]
+    pub device: Option<Backend>,
+    /// Override the config's output folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override the config's number of training steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+}
+
+impl RunArgs {
+    fn apply(&self, device: &mut Backend, out_dir: &mut PathBuf, total_steps: &mut usize) {
+        *device = self.device.unwrap_or(*device);
+        *out_dir = self.out.clone().unwrap_or(out_dir.clone());
+        *total_steps = self.steps.unwrap_or(*total_steps);
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(&args),
-        Command::TrainTeacher { config, device, out, steps } => teacher::run_from_file(&config, device, out, steps).map(|_| ()),
+        Command::TrainTeacher(a) => {
+            let mut cfg = teacher::TeacherConfig::from_file(&a.config)?;
+            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
+            teacher::train(&cfg, true).map(|_| ())
+        }
         Command::MakePairs(args) => pairs::run(&args),
-        Command::Distill { config, device, out, steps } => {
-            let mut cfg = distill::DistillConfig::from_file(&config)?;
-            cfg.device = device.unwrap_or(cfg.device);
-            cfg.out_dir = out.unwrap_or(cfg.out_dir);
-            cfg.train.total_steps = steps.unwrap_or(cfg.train.total_steps);
+        Command::Distill(a) => {
+            let mut cfg = distill::DistillConfig::from_file(&a.config)?;
+            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
             distill::distill(&cfg, true).map(|_| ())
         }
         Command::EvalToy(args) => teacher::eval_toy_cmd(&args),

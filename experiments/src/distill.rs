@@ -6,14 +6,14 @@
 //! the generator G(z) = D(sigma_max z; conditioning_sigma). One training step is
 //! [`Distiller::step`], top to bottom.
 
-use crate::checkpoint::{append_jsonl, guard_config, recover, truncate_jsonl, write_dir_atomically};
+use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, truncate_jsonl, write_dir_atomically};
 use crate::data::DataConfig;
 use crate::device::Backend;
 use crate::ema::ema_update;
 use crate::optim::{clip_grad_norm, warmup_lr};
 use crate::pairs::Pairs;
 use crate::sample::{latents_from_seeds, progress};
-use crate::teacher::{step_seed, toy_eval_of, ToyEval};
+use crate::teacher::{normals, step_seed, toy_eval_of, ToyEval};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -25,7 +25,6 @@ use dmd_models::weights::{fork_named, write_atomic, HostTensor};
 use dmd_models::{config_path_for, EdmPrecond};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -165,8 +164,7 @@ pub struct DistillConfig {
 
 impl DistillConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        let cfg: Self = read_toml(path)?;
         cfg.validate().with_context(|| path.display().to_string())?;
         Ok(cfg)
     }
@@ -264,10 +262,6 @@ pub struct Distiller {
     pub sigmas: Vec<f32>,
     pub shape: [usize; 3],
     pub label_dim: usize,
-}
-
-fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f64, _>(StandardNormal) as f32).collect()
 }
 
 impl Distiller {

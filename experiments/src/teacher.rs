@@ -4,7 +4,7 @@
 //! Every random draw of step `s` comes from generators seeded by (seed, s), so a resumed run
 //! repeats the uninterrupted one exactly.
 
-use crate::checkpoint::{append_jsonl, guard_config, recover, truncate_jsonl, write_dir_atomically};
+use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, truncate_jsonl, write_dir_atomically};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
@@ -101,8 +101,7 @@ pub struct TeacherConfig {
 
 impl TeacherConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        let cfg: Self = read_toml(path)?;
         cfg.validate().with_context(|| path.display().to_string())?;
         Ok(cfg)
     }
@@ -176,7 +175,8 @@ pub fn step_seed(seed: u64, step: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
+/// `n` standard normal draws as float32.
+pub fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.sample::<f64, _>(StandardNormal) as f32).collect()
 }
 
@@ -184,20 +184,6 @@ fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
 pub struct TeacherRun {
     pub teacher: PathBuf,
     pub eval: Option<ToyEval>,
-}
-
-pub fn run_from_file(path: &Path, device: Option<Backend>, out: Option<PathBuf>, steps: Option<usize>) -> Result<TeacherRun> {
-    let mut cfg = TeacherConfig::from_file(path)?;
-    if let Some(d) = device {
-        cfg.device = d;
-    }
-    if let Some(o) = out {
-        cfg.out_dir = o;
-    }
-    if let Some(s) = steps {
-        cfg.train.total_steps = s;
-    }
-    train(&cfg, true)
 }
 
 /// The config a run must keep to be resumed: what shapes the trained weights. The length,
