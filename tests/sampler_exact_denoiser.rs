@@ -12,15 +12,8 @@ struct Exact(GaussianMixture);
 
 impl Denoiser for Exact {
     fn denoise(&self, x: &HostTensor, sigma: f64, _labels: Option<&HostTensor>) -> HostTensor {
-        let data = x
-            .data
-            .chunks_exact(2)
-            .flat_map(|p| {
-                let d = self.0.denoise([p[0] as f64, p[1] as f64], sigma, None);
-                [d[0] as f32, d[1] as f32]
-            })
-            .collect();
-        HostTensor::new(x.shape.clone(), data)
+        let sigmas = vec![sigma as f32; x.shape[0]];
+        HostTensor::new(x.shape.clone(), self.0.denoise_points(&x.data, &sigmas))
     }
 }
 

@@ -126,6 +126,18 @@ impl GaussianMixture {
         out
     }
 
+    /// `denoise` over flat points [x0, y0, x1, y1, ...], with one noise level per point.
+    pub fn denoise_points(&self, points: &[f32], sigmas: &[f32]) -> Vec<f32> {
+        points
+            .chunks_exact(2)
+            .zip(sigmas)
+            .flat_map(|(p, &s)| {
+                let d = self.denoise([p[0] as f64, p[1] as f64], s as f64, None);
+                [d[0] as f32, d[1] as f32]
+            })
+            .collect()
+    }
+
     /// Index of the nearest mode and the distance to it.
     pub fn nearest_mode(&self, p: [f64; 2]) -> (usize, f64) {
         self.means

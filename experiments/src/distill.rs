@@ -214,17 +214,8 @@ impl RealScore {
             Self::Exact(mix) => {
                 let device = x.device();
                 let xs = HostTensor::from_tensor(x);
-                let ss = HostTensor::from_tensor(sigma);
-                let out: Vec<f32> = xs
-                    .data
-                    .chunks_exact(2)
-                    .zip(&ss.data)
-                    .flat_map(|(p, &s)| {
-                        let d = mix.denoise([p[0] as f64, p[1] as f64], s as f64, None);
-                        [d[0] as f32, d[1] as f32]
-                    })
-                    .collect();
-                HostTensor::new(xs.shape, out).to_tensor(&device)
+                let sigmas = HostTensor::from_tensor(sigma).data;
+                HostTensor::new(xs.shape.clone(), mix.denoise_points(&xs.data, &sigmas)).to_tensor(&device)
             }
         }
     }

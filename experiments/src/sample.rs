@@ -184,6 +184,14 @@ pub fn sample_batched(
     concat_rows(&outs)
 }
 
+/// Samples of `net` for seeds `first_seed..first_seed + n` (a random class per seed for a
+/// conditional network), in batches of `batch`, without a progress bar.
+pub fn seeded_samples(net: &EdmPrecond, device: &burn::tensor::Device, n: usize, first_seed: u64, cfg: &SamplerConfig, batch: usize) -> HostTensor {
+    let seeds: Vec<u64> = (0..n as u64).map(|i| first_seed + i).collect();
+    let (latents, labels) = latents_from_seeds(&seeds, net.image_shape(), net.label_dim(), None);
+    sample_batched(net, device, &latents, labels.as_ref(), cfg, &seeds, batch, false)
+}
+
 pub fn run(args: &SampleArgs) -> Result<()> {
     let (weights, default_steps) = match (&args.teacher, &args.generator) {
         (Some(t), _) => (t.clone(), 18),

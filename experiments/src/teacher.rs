@@ -10,7 +10,7 @@ use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
 use crate::metrics::{energy_distance, mode_stats, ModeStats};
 use crate::output::{grid_png, scatter_png};
-use crate::sample::{latents_from_seeds, progress, sample_batched};
+use crate::sample::{progress, seeded_samples};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
@@ -300,7 +300,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
             save_checkpoint(&ckpt, &net, &ema, &optim, TrainState { step: done, images_seen })?;
         }
         if t.sample_every > 0 && (done % t.sample_every == 0 || done == t.total_steps) {
-            let png = preview(&ema, &device, &cfg.eval, data.label_dim())?;
+            let png = preview(&ema, &device, &cfg.eval)?;
             write_atomic(&run.0.join("samples").join(format!("step-{done:07}.png")), &png)?;
         }
     }
@@ -310,7 +310,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
     eprintln!("teacher (EMA weights): {} (config {})", run.teacher().display(), config_path_for(&run.teacher()).display());
     let eval = match &cfg.data {
         DataConfig::Toy { name, .. } => {
-            let e = eval_toy(&ema, &device, *name, &cfg.eval)?;
+            let (e, _) = eval_toy(&ema, &device, *name, &cfg.eval)?;
             write_atomic(&run.0.join("eval.json"), serde_json::to_string_pretty(&e)?.as_bytes())?;
             eprintln!("{}", e.summary());
             Some(e)
@@ -332,13 +332,10 @@ fn save_checkpoint(dir: &Path, net: &EdmPrecond, ema: &EdmPrecond, optim: &Modul
 }
 
 /// A sample grid (or scatter plot for 2-D points) of the network.
-fn preview(net: &EdmPrecond, device: &Device, eval: &EvalConfig, label_dim: usize) -> Result<Vec<u8>> {
-    let shape = net.image_shape();
-    let points = shape == [2, 1, 1];
+fn preview(net: &EdmPrecond, device: &Device, eval: &EvalConfig) -> Result<Vec<u8>> {
+    let points = net.image_shape() == [2, 1, 1];
     let n = if points { eval.num_samples.min(1000) } else { 64 };
-    let seeds: Vec<u64> = (0..n as u64).map(|i| eval.seed + i).collect();
-    let (lat, lab) = latents_from_seeds(&seeds, shape, label_dim, None);
-    let images = sample_batched(net, device, &lat, lab.as_ref(), &eval.sampler, &seeds, 256, false);
+    let images = seeded_samples(net, device, n, eval.seed, &eval.sampler, 256);
     if points {
         scatter_png(&[(&images, [20, 60, 200])], 512)
     } else {
@@ -382,17 +379,15 @@ impl ToyEval {
     }
 }
 
-/// Samples `eval.num_samples` points with the network and compares them to fresh data.
-pub fn eval_toy(net: &EdmPrecond, device: &Device, kind: ToyKind, eval: &EvalConfig) -> Result<ToyEval> {
+/// Samples `eval.num_samples` points with the network and compares them to fresh data;
+/// returns the comparison and the samples.
+pub fn eval_toy(net: &EdmPrecond, device: &Device, kind: ToyKind, eval: &EvalConfig) -> Result<(ToyEval, HostTensor)> {
     if net.image_shape() != [2, 1, 1] {
         bail!("eval-toy needs a network on 2-D points ([2, 1, 1]), this one works on {:?}", net.image_shape());
     }
-    let dist = ToyDistribution::new(kind);
-    let n = eval.num_samples;
-    let seeds: Vec<u64> = (0..n as u64).map(|i| eval.seed + i).collect();
-    let (lat, lab) = latents_from_seeds(&seeds, [2, 1, 1], net.label_dim(), None);
-    let samples = sample_batched(net, device, &lat, lab.as_ref(), &eval.sampler, &seeds, 1000, false);
-    Ok(toy_eval_of(&samples.data, &dist, eval.seed, eval.sampler.nfe()))
+    let samples = seeded_samples(net, device, eval.num_samples, eval.seed, &eval.sampler, 1000);
+    let e = toy_eval_of(&samples.data, &ToyDistribution::new(kind), eval.seed, eval.sampler.nfe());
+    Ok((e, samples))
 }
 
 /// Compares points with the distribution, and two fresh data sets with each other (the floor).
@@ -445,13 +440,10 @@ pub fn eval_toy_cmd(args: &EvalToyArgs) -> Result<()> {
         ..EvalConfig::default()
     };
     eval.sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
-    let result = eval_toy(&net, &device, args.toy, &eval)?;
+    let (result, samples) = eval_toy(&net, &device, args.toy, &eval)?;
     println!("{}", serde_json::to_string(&result)?);
     eprintln!("{}", result.summary());
     if let Some(plot) = &args.plot {
-        let seeds: Vec<u64> = (0..args.samples as u64).map(|i| eval.seed + i).collect();
-        let (lat, lab) = latents_from_seeds(&seeds, [2, 1, 1], net.label_dim(), None);
-        let samples = sample_batched(&net, &device, &lat, lab.as_ref(), &eval.sampler, &seeds, 1000, false);
         let (data, _) = ToyDistribution::new(args.toy).sample_n(args.samples, &mut StdRng::seed_from_u64(3));
         let data = HostTensor::new(vec![args.samples, 2, 1, 1], data);
         write_atomic(plot, &scatter_png(&[(&data, [190, 190, 190]), (&samples, [20, 60, 200])], 512)?)?;
