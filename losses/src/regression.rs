@@ -3,6 +3,7 @@
 //! the only ones that make sense for 2-D toy data).
 
 use burn::tensor::Tensor;
+use dmd_models::Lpips;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
@@ -30,4 +31,10 @@ pub fn pseudo_huber(x: Tensor<4>, y: Tensor<4>) -> Tensor<1> {
     let k = 0.00054 * ((c * h * w) as f64).sqrt();
     let sq = (x - y).square().reshape([n, c * h * w]).sum_dim(1).reshape([n]);
     sq.add_scalar(k * k).sqrt().sub_scalar(k).mean()
+}
+
+/// LPIPS as DMD uses it: images upsampled to 224 when smaller, the distance averaged over the
+/// batch. `x`, `y` in [-1, 1] with 1 or 3 channels.
+pub fn lpips(x: Tensor<4>, y: Tensor<4>, net: &Lpips) -> Tensor<1> {
+    net.distance_224(x, y).mean()
 }

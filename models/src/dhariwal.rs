@@ -110,6 +110,19 @@ impl DhariwalUNet {
 
     /// `noise_labels` [N]; `class_labels` [N or 1, label_dim] (already scaled by the caller).
     pub fn forward(&self, x: Tensor<4>, noise_labels: Tensor<1>, class_labels: Option<Tensor<2>>, augment_labels: Option<Tensor<2>>) -> Tensor<4> {
+        let (mut x, mut skips, emb) = self.encode(x, noise_labels, class_labels, augment_labels);
+        for (_, block) in self.dec.iter() {
+            if x.dims()[1] != block.in_channels {
+                x = Tensor::cat(vec![x, skips.pop().expect("skip available")], 1);
+            }
+            x = block.forward(x, emb.clone());
+        }
+        self.out_conv.forward(silu(self.out_norm.forward(x)))
+    }
+
+    /// The embedding and the encoder: (bottleneck, skips, embedding). The bottleneck is what
+    /// DMD2's GAN head reads.
+    pub fn encode(&self, x: Tensor<4>, noise_labels: Tensor<1>, class_labels: Option<Tensor<2>>, augment_labels: Option<Tensor<2>>) -> (Tensor<4>, Vec<Tensor<4>>, Tensor<2>) {
         let mut emb = self.map_noise.forward(noise_labels);
         if let (Some(map_augment), Some(aug)) = (&self.map_augment, augment_labels) {
             emb = emb + map_augment.forward(aug);
@@ -130,12 +143,6 @@ impl DhariwalUNet {
             };
             skips.push(x.clone());
         }
-        for (_, block) in self.dec.iter() {
-            if x.dims()[1] != block.in_channels {
-                x = Tensor::cat(vec![x, skips.pop().expect("skip available")], 1);
-            }
-            x = block.forward(x, emb.clone());
-        }
-        self.out_conv.forward(silu(self.out_norm.forward(x)))
+        (x, skips, emb)
     }
 }

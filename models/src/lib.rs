@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod dhariwal;
+pub mod gan_head;
+pub mod lpips;
 pub mod mlp;
 pub mod nn;
 pub mod precond;
@@ -11,6 +13,8 @@ pub mod sampler;
 pub mod song;
 pub mod weights;
 
+pub use gan_head::GanHead;
+pub use lpips::Lpips;
 pub use config::{EdmConfig, ModelType};
 pub use precond::{config_path_for, Backbone, EdmPrecond, ModelError};
 pub use sampler::{edm_time_steps, sample, Denoiser, NetDenoiser, SamplerConfig, Solver};

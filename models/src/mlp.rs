@@ -42,6 +42,13 @@ impl ToyMlp {
 
     pub fn forward(&self, x: Tensor<4>, noise_labels: Tensor<1>, class_labels: Option<Tensor<2>>) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
+        let hidden = self.encode(x, noise_labels, class_labels);
+        self.output.forward(hidden).reshape([n, c, h, w])
+    }
+
+    /// The last hidden layer [N, hidden]: the "bottleneck" DMD2's GAN head reads.
+    pub fn encode(&self, x: Tensor<4>, noise_labels: Tensor<1>, class_labels: Option<Tensor<2>>) -> Tensor<2> {
+        let [n, c, h, w] = x.dims();
         let mut emb = self.map_layer0.forward(self.map_noise.forward(noise_labels));
         if let (Some(map_label), Some(labels)) = (&self.map_label, class_labels) {
             emb = emb + map_label.forward(label_dropout(labels, self.label_dropout, &self.training));
@@ -51,6 +58,6 @@ impl ToyMlp {
         for layer in &self.layers {
             hdn = silu(layer.forward(hdn));
         }
-        self.output.forward(hdn).reshape([n, c, h, w])
+        hdn
     }
 }

@@ -35,7 +35,7 @@ impl Init {
         Self { device: device.clone(), rng: StdRng::seed_from_u64(0), random: false }
     }
 
-    fn param<const D: usize>(&mut self, shape: [usize; D], values: impl Fn(&mut StdRng) -> f32) -> Param<Tensor<D>> {
+    pub(crate) fn param<const D: usize>(&mut self, shape: [usize; D], values: impl Fn(&mut StdRng) -> f32) -> Param<Tensor<D>> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if self.random { (0..n).map(|_| values(&mut self.rng)).collect() } else { vec![0.0; n] };
         Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), &self.device))
@@ -70,7 +70,7 @@ impl InitSpec {
         Self { mode, weight, bias }
     }
 
-    fn sampler(&self, fan_in: usize, fan_out: usize, scale: f64) -> impl Fn(&mut StdRng) -> f32 {
+    pub(crate) fn sampler(&self, fan_in: usize, fan_out: usize, scale: f64) -> impl Fn(&mut StdRng) -> f32 {
         let (fi, fo) = (fan_in as f64, fan_out as f64);
         let (uniform, std) = match self.mode {
             InitMode::XavierUniform => (true, (6.0 / (fi + fo)).sqrt()),

@@ -107,6 +107,45 @@ impl EdmPrecond {
         class_labels: Option<Tensor<2>>,
         augment_labels: Option<Tensor<2>>,
     ) -> Tensor<4> {
+        let p = self.preconditioning(&x, sigma, class_labels);
+        let x_in = x.clone() * p.c_in;
+        let f_x = match &self.model {
+            Backbone::Dhariwal(net) => net.forward(x_in, p.c_noise, p.labels, augment_labels),
+            Backbone::Song(net) => net.forward(x_in, p.c_noise, p.labels, augment_labels),
+            Backbone::Mlp(net) => net.forward(x_in, p.c_noise, p.labels),
+        };
+        x * p.c_skip + f_x * p.c_out
+    }
+
+    /// The backbone's encoder output for D(x; sigma, labels), [N, C, r, r] (the toy MLP's last
+    /// hidden layer as [N, hidden, 1, 1]): DMD2's `return_bottleneck`, which its GAN head reads.
+    pub fn bottleneck(&self, x: Tensor<4>, sigma: Tensor<1>, class_labels: Option<Tensor<2>>) -> Tensor<4> {
+        let p = self.preconditioning(&x, sigma, class_labels);
+        let x_in = x * p.c_in;
+        match &self.model {
+            Backbone::Dhariwal(net) => net.encode(x_in, p.c_noise, p.labels, None).0,
+            Backbone::Song(net) => net.encode(x_in, p.c_noise, p.labels, None).0,
+            Backbone::Mlp(net) => {
+                let h = net.encode(x_in, p.c_noise, p.labels);
+                let [n, c] = h.dims();
+                h.reshape([n, c, 1, 1])
+            }
+        }
+    }
+
+    /// Channels and resolution of [`EdmPrecond::bottleneck`].
+    pub fn bottleneck_shape(&self) -> (usize, usize) {
+        let c = &self.config;
+        match c.model_type {
+            ModelType::ToyMLP => (c.hidden_dim(), 1),
+            _ => {
+                let mult = c.channel_mult();
+                (c.model_channels() * mult[mult.len() - 1], c.img_resolution >> (mult.len() - 1))
+            }
+        }
+    }
+
+    fn preconditioning(&self, x: &Tensor<4>, sigma: Tensor<1>, class_labels: Option<Tensor<2>>) -> Preconditioning {
         let sd = self.config.sigma_data;
         let n = sigma.dims()[0];
         let labels = match (self.config.label_dim, class_labels) {
@@ -116,19 +155,24 @@ impl EdmPrecond {
         };
         let sigma4 = sigma.clone().reshape([n, 1, 1, 1]);
         let s2 = sigma4.clone().square();
-        let c_skip = s2.clone().add_scalar(sd * sd).recip().mul_scalar(sd * sd);
-        let c_out = sigma4.clone().mul_scalar(sd) / s2.clone().add_scalar(sd * sd).sqrt();
-        let c_in = s2.add_scalar(sd * sd).sqrt().recip();
-        let c_noise = sigma.log().div_scalar(4.0);
-
-        let x_in = x.clone() * c_in;
-        let f_x = match &self.model {
-            Backbone::Dhariwal(net) => net.forward(x_in, c_noise, labels, augment_labels),
-            Backbone::Song(net) => net.forward(x_in, c_noise, labels, augment_labels),
-            Backbone::Mlp(net) => net.forward(x_in, c_noise, labels),
-        };
-        x * c_skip + f_x * c_out
+        Preconditioning {
+            c_skip: s2.clone().add_scalar(sd * sd).recip().mul_scalar(sd * sd),
+            c_out: sigma4.mul_scalar(sd) / s2.clone().add_scalar(sd * sd).sqrt(),
+            c_in: s2.add_scalar(sd * sd).sqrt().recip(),
+            c_noise: sigma.log().div_scalar(4.0),
+            labels,
+        }
     }
+}
+
+/// EDM's c_skip, c_out, c_in (each [N, 1, 1, 1]), c_noise [N], and the class labels (zeros
+/// when the network is conditional and none are given, as EDM does).
+struct Preconditioning {
+    c_skip: Tensor<4>,
+    c_out: Tensor<4>,
+    c_in: Tensor<4>,
+    c_noise: Tensor<1>,
+    labels: Option<Tensor<2>>,
 }
 
 #[cfg(test)]

@@ -157,6 +157,34 @@ impl SongUNet {
     }
 
     pub fn forward(&self, x: Tensor<4>, noise_labels: Tensor<1>, class_labels: Option<Tensor<2>>, augment_labels: Option<Tensor<2>>) -> Tensor<4> {
+        let (mut x, mut skips, emb) = self.encode(x, noise_labels, class_labels, augment_labels);
+        let mut aux: Option<Tensor<4>> = None;
+        let mut tmp: Option<Tensor<4>> = None;
+        for (_, layer) in self.dec.iter() {
+            match layer {
+                SongDecLayer::AuxUp(conv) => aux = aux.map(|a| conv.forward(a)),
+                SongDecLayer::AuxNorm(norm) => tmp = Some(norm.forward(x.clone())),
+                SongDecLayer::AuxConv(conv) => {
+                    let t = conv.forward(silu(tmp.take().expect("aux_norm precedes aux_conv")));
+                    aux = Some(match aux {
+                        Some(a) => t + a,
+                        None => t,
+                    });
+                }
+                SongDecLayer::Block(block) => {
+                    if x.dims()[1] != block.in_channels {
+                        x = Tensor::cat(vec![x, skips.pop().expect("skip available")], 1);
+                    }
+                    x = block.forward(x, emb.clone());
+                }
+            }
+        }
+        aux.expect("the decoder ends with an output convolution")
+    }
+
+    /// The embedding and the encoder: (bottleneck, skips, embedding). The bottleneck is what
+    /// DMD2's GAN head reads.
+    pub fn encode(&self, x: Tensor<4>, noise_labels: Tensor<1>, class_labels: Option<Tensor<2>>, augment_labels: Option<Tensor<2>>) -> (Tensor<4>, Vec<Tensor<4>>, Tensor<2>) {
         let emb = self.map_noise.forward(noise_labels);
         // Swap the cos and sin halves, as EDM does for DDPM++/NCSN++.
         let half = emb.dims()[1] / 2;
@@ -196,28 +224,6 @@ impl SongUNet {
                 }
             }
         }
-
-        let mut aux: Option<Tensor<4>> = None;
-        let mut tmp: Option<Tensor<4>> = None;
-        for (_, layer) in self.dec.iter() {
-            match layer {
-                SongDecLayer::AuxUp(conv) => aux = aux.map(|a| conv.forward(a)),
-                SongDecLayer::AuxNorm(norm) => tmp = Some(norm.forward(x.clone())),
-                SongDecLayer::AuxConv(conv) => {
-                    let t = conv.forward(silu(tmp.take().expect("aux_norm precedes aux_conv")));
-                    aux = Some(match aux {
-                        Some(a) => t + a,
-                        None => t,
-                    });
-                }
-                SongDecLayer::Block(block) => {
-                    if x.dims()[1] != block.in_channels {
-                        x = Tensor::cat(vec![x, skips.pop().expect("skip available")], 1);
-                    }
-                    x = block.forward(x, emb.clone());
-                }
-            }
-        }
-        aux.expect("the decoder ends with an output convolution")
+        (x, skips, emb)
     }
 }
