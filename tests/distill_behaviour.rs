@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use dmd_datasets::{ToyDistribution, ToyKind};
-use dmd_experiments::distill::{distill, one_step_samples, DistillConfig};
+use dmd_experiments::distill::{distill, generator_samples, DistillConfig};
 use dmd_experiments::teacher::{toy_eval_of, train, TeacherConfig};
 use dmd_models::EdmPrecond;
 
@@ -43,7 +43,7 @@ num_samples = 200
     let dist = ToyDistribution::new(ToyKind::EightGaussians);
     let device = burn::tensor::Device::flex();
     let eval = |net: &EdmPrecond| {
-        let x = one_step_samples(net, &device, 1000, 77, 80.0);
+        let x = generator_samples(net, &device, 1000, 77, &[80.0]);
         toy_eval_of(&x.data, &dist, 77, 1)
     };
     let start = eval(&EdmPrecond::load(&teacher, &teacher.with_extension("json"), &device, "t").unwrap());

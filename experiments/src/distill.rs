@@ -1,18 +1,22 @@
-//! `dmd distill`: Distribution Matching Distillation of an EDM teacher into a one-step
-//! generator (DMD; DMD2's two time-scale update rule), from a TOML config.
+//! `dmd distill`: Distribution Matching Distillation of an EDM teacher into a one-step (or
+//! few-step) generator, DMD and DMD2 recipes from a TOML config.
 //!
 //! Three networks of the teacher's architecture, all initialised from its weights: the real
 //! score (the frozen teacher), the fake score (trained online on the generator's outputs) and
-//! the generator G(z) = D(sigma_max z; conditioning_sigma). One training step is
+//! the generator G(z) = D(sigma_max z; conditioning_sigma). DMD adds a regression loss on
+//! teacher pairs (LPIPS); DMD2 drops it for the two time-scale update rule and a GAN term
+//! (a classifier head on the fake score's bottleneck, trained on real images), and trains
+//! multi-step generators on their own samples (backward simulation). One training step is
 //! [`Distiller::step`], top to bottom.
 
 use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, truncate_jsonl, write_dir_atomically};
-use crate::data::DataConfig;
+use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::ema_update;
-use crate::optim::{clip_grad_norm, warmup_lr};
+use crate::optim::{clip_grad_norm, clip_grad_norm_joint, warmup_lr};
+use crate::output::{grid_png, scatter_png};
 use crate::pairs::Pairs;
-use crate::sample::{latents_from_seeds, progress};
+use crate::sample::{latents_from_seeds, progress, step_noise};
 use crate::teacher::{normals, step_seed, toy_eval_of, ToyEval};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -20,9 +24,10 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{GaussianMixture, ToyDistribution, ToyKind};
 use dmd_losses::dmd::{distribution_matching_loss, fake_score_loss, NoiseGrid};
-use dmd_losses::regression::{l2, pseudo_huber, Regression};
-use dmd_models::weights::{fork_named, write_atomic, HostTensor};
-use dmd_models::{config_path_for, EdmPrecond};
+use dmd_losses::gan::{discriminator_gan_loss, generator_gan_loss, realism_logits};
+use dmd_losses::regression::{l2, lpips, pseudo_huber, Regression};
+use dmd_models::weights::{assign_ids, fork_named, load_named, named_tensors, write_atomic, HostTensor, NamedTensors};
+use dmd_models::{config_path_for, EdmPrecond, GanHead, Lpips};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -54,11 +59,30 @@ fn one() -> f64 {
 pub struct GeneratorConfig {
     /// The noise level the generator is conditioned on, and the scale of its input noise.
     pub conditioning_sigma: f64,
+    /// Denoising steps (DMD: 1; DMD2's few-step generators: 4). Step k denoises at sigma_k and
+    /// the next step starts from that prediction plus fresh noise of level sigma_{k+1}.
+    pub steps: usize,
+    /// Grid indices of steps 2..K (sigma_1 = conditioning_sigma). Default: evenly spaced from
+    /// the top of the grid as DMD2's `denoising_step_list` (749, 499, 249 for 4 of 1000).
+    pub timesteps: Option<Vec<usize>>,
+    /// Train step k on inputs made by the generator's own first k steps (DMD2's backward
+    /// simulation); otherwise on noised real images from `data`.
+    pub backward_simulation: bool,
 }
 
 impl Default for GeneratorConfig {
     fn default() -> Self {
-        Self { conditioning_sigma: 80.0 }
+        Self { conditioning_sigma: 80.0, steps: 1, timesteps: None, backward_simulation: true }
+    }
+}
+
+impl GeneratorConfig {
+    /// The noise level of each step, largest first.
+    pub fn sigmas(&self, grid: &NoiseGrid) -> Vec<f64> {
+        let n = grid.num_timesteps;
+        let timesteps = self.timesteps.clone().unwrap_or_else(|| (1..self.steps).map(|k| n - 1 - k * (n / self.steps)).collect());
+        let table = grid.sigmas();
+        std::iter::once(self.conditioning_sigma).chain(timesteps.iter().map(|&t| table[t] as f64)).collect()
     }
 }
 
@@ -70,11 +94,37 @@ pub struct LossConfig {
     pub regression: Regression,
     /// DMD: 0.25 (0.5 for unconditional CIFAR-10).
     pub regression_weight: f64,
+    /// LPIPS weights for `regression = "lpips"`: torchvision's VGG16 features and the v0.1
+    /// heads as safetensors (`tools/lpips_to_safetensors.py` makes both).
+    pub lpips_vgg: Option<PathBuf>,
+    pub lpips_heads: Option<PathBuf>,
+    /// DMD2's GAN term: weight of the generator's loss (ImageNet: 3e-3; 0 switches it off)...
+    pub gan_generator_weight: f64,
+    /// ... and of the classifier's loss, added to the fake score's (ImageNet: 1e-2).
+    pub gan_discriminator_weight: f64,
+    /// Images reach the classifier diffused to a grid index drawn from [0, this) (DMD2's
+    /// `diffusion_gan_max_timestep`, 1000); 0: clean images at sigma_min.
+    pub gan_max_timestep: usize,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { dm_weight: 1.0, regression: Regression::None, regression_weight: 0.25 }
+        Self {
+            dm_weight: 1.0,
+            regression: Regression::None,
+            regression_weight: 0.25,
+            lpips_vgg: None,
+            lpips_heads: None,
+            gan_generator_weight: 0.0,
+            gan_discriminator_weight: 0.0,
+            gan_max_timestep: 1000,
+        }
+    }
+}
+
+impl LossConfig {
+    fn gan(&self) -> bool {
+        self.gan_generator_weight > 0.0 || self.gan_discriminator_weight > 0.0
     }
 }
 
@@ -99,6 +149,8 @@ pub struct DistillTrainConfig {
     pub seed: u64,
     pub log_every: usize,
     pub checkpoint_every: usize,
+    /// Write a sample grid (scatter plot for 2-D points) of the generator this often; 0: never.
+    pub sample_every: usize,
 }
 
 impl Default for DistillTrainConfig {
@@ -118,6 +170,7 @@ impl Default for DistillTrainConfig {
             seed: 0,
             log_every: 100,
             checkpoint_every: 1000,
+            sample_every: 1000,
         }
     }
 }
@@ -147,7 +200,7 @@ pub struct DistillConfig {
     /// Folder of teacher pairs from `dmd make-pairs` (needed by the regression loss).
     #[serde(default)]
     pub pairs: Option<PathBuf>,
-    /// Real data (reserved for DMD2's GAN term; unused yet).
+    /// Real images: DMD2's GAN term, and multi-step training without backward simulation.
     #[serde(default)]
     pub data: Option<DataConfig>,
     #[serde(default)]
@@ -177,11 +230,35 @@ impl DistillConfig {
         if self.loss.regression != Regression::None && self.loss.regression_weight > 0.0 && self.pairs.is_none() {
             bail!("loss.regression = {:?} needs `pairs` (a folder from `dmd make-pairs`)", self.loss.regression);
         }
-        if self.loss.regression == Regression::Lpips {
-            bail!("loss.regression = \"lpips\" is not implemented yet; use \"l2\" or \"pseudo_huber\"");
+        let l = &self.loss;
+        if l.regression == Regression::Lpips && l.regression_weight > 0.0 && (l.lpips_vgg.is_none() || l.lpips_heads.is_none()) {
+            bail!("loss.regression = \"lpips\" needs loss.lpips_vgg and loss.lpips_heads (see tools/lpips_to_safetensors.py)");
         }
-        if self.data.is_some() {
-            bail!("`data` (real images for DMD2's GAN term) is not implemented yet");
+        if l.gan_generator_weight < 0.0 || l.gan_discriminator_weight < 0.0 || l.dm_weight < 0.0 || l.regression_weight < 0.0 {
+            bail!("loss: weights must not be negative");
+        }
+        if l.gan() && self.data.is_none() {
+            bail!("loss.gan_*_weight > 0 needs `data` (real images for the GAN classifier)");
+        }
+        if l.gan_max_timestep > self.grid.num_timesteps {
+            bail!("loss.gan_max_timestep = {} exceeds grid.num_timesteps = {}", l.gan_max_timestep, self.grid.num_timesteps);
+        }
+        let g = &self.generator;
+        if g.steps == 0 || !(g.conditioning_sigma > 0.0) {
+            bail!("generator: steps and conditioning_sigma must be positive");
+        }
+        if let Some(ts) = &g.timesteps {
+            if ts.len() + 1 != g.steps {
+                bail!("generator.timesteps: {} indices for {} steps (give steps - 1: the first step is at conditioning_sigma)", ts.len(), g.steps);
+            }
+            if ts.iter().any(|&t| t >= self.grid.num_timesteps) || ts.windows(2).any(|w| w[1] >= w[0]) {
+                bail!("generator.timesteps must decrease and lie in [0, {})", self.grid.num_timesteps);
+            }
+        } else if g.steps > self.grid.num_timesteps {
+            bail!("generator.steps = {} exceeds grid.num_timesteps", g.steps);
+        }
+        if g.steps > 1 && !g.backward_simulation && self.data.is_none() {
+            bail!("a multi-step generator without backward_simulation trains on noised real images: give `data`");
         }
         let (lo, hi) = self.grid.dm_range();
         if lo >= hi || self.grid.num_timesteps < 2 {
@@ -223,9 +300,24 @@ impl RealScore {
 
 /// The one-step generator: G(z) = D(sigma z; sigma) with sigma the conditioning noise level.
 pub fn generate(generator: &EdmPrecond, z: Tensor<4>, labels: Option<Tensor<2>>, sigma: f64) -> Tensor<4> {
-    let n = z.dims()[0];
-    let s = Tensor::<1>::from_data(TensorData::new(vec![sigma as f32; n], [n]), &z.device());
-    generator.forward(z.mul_scalar(sigma), s, labels)
+    let (n, device) = (z.dims()[0], z.device());
+    generator.forward(z.mul_scalar(sigma), filled(n, sigma, &device), labels)
+}
+
+/// The generator's sampling chain over `sigmas` (largest first): x = sigma_1 z, then
+/// x0 = G(x; sigma_k) and x = x0 + sigma_{k+1} noise(k). One step is [`generate`].
+pub fn generate_steps(generator: &EdmPrecond, z: Tensor<4>, labels: Option<Tensor<2>>, sigmas: &[f64], mut noise: impl FnMut(usize) -> Tensor<4>) -> Tensor<4> {
+    let mut x0 = generate(generator, z, labels.clone(), sigmas[0]);
+    for (k, &sigma) in sigmas.iter().enumerate().skip(1) {
+        let n = x0.dims()[0];
+        let x = x0 + noise(k).mul_scalar(sigma);
+        x0 = generator.forward(x.clone(), filled(n, sigma, &x.device()), labels.clone());
+    }
+    x0
+}
+
+fn filled(n: usize, value: f64, device: &Device) -> Tensor<1> {
+    Tensor::from_data(TensorData::new(vec![value as f32; n], [n]), device)
 }
 
 /// What one step did, for the log.
@@ -233,9 +325,18 @@ pub fn generate(generator: &EdmPrecond, z: Tensor<4>, labels: Option<Tensor<2>>,
 pub struct StepStats {
     pub dm_loss: Option<f64>,
     pub regression_loss: Option<f64>,
+    pub gan_generator_loss: Option<f64>,
     pub generator_grad_norm: Option<f64>,
     pub fake_loss: f64,
+    pub gan_discriminator_loss: Option<f64>,
     pub fake_grad_norm: f64,
+}
+
+/// DMD2's GAN classifier: the head on the fake score's bottleneck, its optimiser, real images.
+pub struct Gan {
+    pub head: GanHead,
+    pub optim: ModuleOptimizer,
+    pub data: DataSource,
 }
 
 /// Training state of a distillation run.
@@ -250,7 +351,13 @@ pub struct Distiller {
     pub generator_optim: ModuleOptimizer,
     pub fake_optim: ModuleOptimizer,
     pub pairs: Option<Pairs>,
+    pub lpips: Option<Lpips>,
+    pub gan: Option<Gan>,
+    /// Real images (for GAN or multi-step training without backward simulation).
+    pub data: Option<DataSource>,
     pub sigmas: Vec<f32>,
+    /// The generator's noise levels, one per step.
+    pub generator_sigmas: Vec<f64>,
     pub shape: [usize; 3],
     pub label_dim: usize,
 }
@@ -275,23 +382,23 @@ impl Distiller {
             None => RealScore::Teacher { net: teacher.clone(), guidance_scale: t.guidance_scale },
         };
         let tr = &cfg.train;
-        let adamw = |lr_betas: [f64; 2]| {
+        let adamw = || {
             AdamWConfig::new()
-                .with_beta_1(lr_betas[0] as f32)
-                .with_beta_2(lr_betas[1] as f32)
+                .with_beta_1(tr.adam_betas[0] as f32)
+                .with_beta_2(tr.adam_betas[1] as f32)
                 .with_epsilon(1e-8)
                 .with_weight_decay(tr.weight_decay as f32)
                 .init()
         };
+        let load_optim = |dir: &Path, name: &str| {
+            let p = dir.join(format!("{name}_optim.bpk"));
+            adamw().load(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))
+        };
         let (generator, fake, generator_ema, generator_optim, fake_optim) = match checkpoint {
             Some(dir) => {
                 let load = |name: &str, dev: &Device| EdmPrecond::load(&dir.join(format!("{name}.safetensors")), &dir.join(format!("{name}.json")), dev, name);
-                let opt = |name: &str| {
-                    let p = dir.join(format!("{name}_optim.bpk"));
-                    adamw(tr.adam_betas).load(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))
-                };
                 let ema = if tr.ema_decay.is_some() { Some(load("generator_ema", &device)?.valid()) } else { None };
-                (load("generator", &ad)?, load("fake", &ad)?, ema, opt("generator")?, opt("fake")?)
+                (load("generator", &ad)?, load("fake", &ad)?, ema, load_optim(dir, "generator")?, load_optim(dir, "fake")?)
             }
             None => {
                 // Each network is its own load of the teacher, with ids of its own namespace:
@@ -299,7 +406,7 @@ impl Distiller {
                 let generator = EdmPrecond::load(&t.weights, &cfg_path, &ad, "generator")?;
                 let fake = EdmPrecond::load(&t.weights, &cfg_path, &ad, "fake")?;
                 let ema = tr.ema_decay.map(|_| fork_named(&teacher, "generator_ema"));
-                (generator, fake, ema, adamw(tr.adam_betas), adamw(tr.adam_betas))
+                (generator, fake, ema, adamw(), adamw())
             }
         };
         let pairs = match &cfg.pairs {
@@ -309,6 +416,48 @@ impl Distiller {
                     bail!("{}: pairs of shape {:?}, the teacher works on {shape:?}", p.display(), &pairs.latents.shape[1..]);
                 }
                 Some(pairs)
+            }
+            _ => None,
+        };
+        let lpips = match (&cfg.loss.regression, &cfg.loss.lpips_vgg, &cfg.loss.lpips_heads) {
+            (Regression::Lpips, Some(vgg), Some(heads)) => {
+                if !(shape[0] == 1 || shape[0] == 3) || shape[1] < 2 {
+                    bail!("loss.regression = \"lpips\" needs 1- or 3-channel images, the teacher works on {shape:?}");
+                }
+                Some(Lpips::load(vgg, heads, &ad)?)
+            }
+            _ => None,
+        };
+        let data = match &cfg.data {
+            Some(d) => {
+                let data = DataSource::open(d)?;
+                if data.shape() != shape || data.label_dim() != label_dim {
+                    bail!(
+                        "data: {} gives {:?} with {} classes, the teacher works on {shape:?} with {label_dim}",
+                        data.describe(),
+                        data.shape(),
+                        data.label_dim()
+                    );
+                }
+                Some(data)
+            }
+            None => None,
+        };
+        let gan = match (cfg.loss.gan(), &cfg.data) {
+            (true, Some(d)) => {
+                let (c, r) = fake.bottleneck_shape();
+                let head = match checkpoint {
+                    Some(dir) => {
+                        let p = dir.join("gan_head.safetensors");
+                        load_named(GanHead::placeholder(c, r, &ad), &NamedTensors::read(&p)?, &p.display().to_string(), "gan_head")?
+                    }
+                    None => assign_ids(GanHead::new(c, r, &ad, step_seed(tr.seed, 0, 12)), "gan_head"),
+                };
+                let optim = match checkpoint {
+                    Some(dir) => load_optim(dir, "gan_head")?,
+                    None => adamw(),
+                };
+                Some(Gan { head, optim, data: DataSource::open(d)? })
             }
             _ => None,
         };
@@ -323,16 +472,24 @@ impl Distiller {
             generator_optim,
             fake_optim,
             pairs,
+            lpips,
+            gan,
+            data,
             sigmas: cfg.grid.sigmas(),
+            generator_sigmas: cfg.generator.sigmas(&cfg.grid),
             shape,
             label_dim,
         })
     }
 
+    fn normal_tensor(&self, rng: &mut StdRng, n: usize, device: &Device) -> Tensor<4> {
+        let [c, h, w] = self.shape;
+        Tensor::<4>::from_data(TensorData::new(normals(rng, n * c * h * w), [n, c, h, w]), device)
+    }
+
     /// Noise and one-hot labels (random classes) for a batch, on `device`.
     fn noise_batch(&self, rng: &mut StdRng, n: usize, device: &Device) -> (Tensor<4>, Option<Tensor<2>>) {
-        let [c, h, w] = self.shape;
-        let z = Tensor::<4>::from_data(TensorData::new(normals(rng, n * c * h * w), [n, c, h, w]), device);
+        let z = self.normal_tensor(rng, n, device);
         let labels = (self.label_dim > 0).then(|| {
             let l = self.label_dim;
             let v: Vec<f32> = (0..n).flat_map(|_| {
@@ -350,8 +507,48 @@ impl Distiller {
         Tensor::from_data(TensorData::new(s, [n]), device)
     }
 
+    /// The noise level and noise of the GAN classifier's input (DMD2's diffusion GAN).
+    fn gan_noise(&self, rng: &mut StdRng, n: usize) -> (Tensor<1>, Option<Tensor<4>>) {
+        match self.cfg.loss.gan_max_timestep {
+            0 => (filled(n, self.sigmas[0] as f64, &self.ad), None),
+            hi => {
+                let sigma = self.sigma_batch(rng, n, (0, hi), &self.ad);
+                (sigma, Some(self.normal_tensor(rng, n, &self.ad)))
+            }
+        }
+    }
+
+    /// A batch of generator outputs on the autodiff device, with gradients to the generator
+    /// when `train`. A multi-step generator is trained at one random step per batch, on its
+    /// own earlier steps' output (backward simulation) or on noised real images.
+    fn generator_batch(&self, rng: &mut StdRng, n: usize, train: bool) -> Result<(Tensor<4>, Option<Tensor<2>>)> {
+        let sigmas = &self.generator_sigmas;
+        let (z, labels) = self.noise_batch(rng, n, &self.device);
+        let k = if sigmas.len() > 1 { rng.random_range(0..sigmas.len()) } else { 0 };
+        let (x_in, labels) = if k == 0 {
+            (z.mul_scalar(sigmas[0]), labels)
+        } else if self.cfg.generator.backward_simulation {
+            let frozen = self.generator.valid();
+            let x0 = generate_steps(&frozen, z, labels.clone(), &sigmas[..k], |_| self.normal_tensor(rng, n, &self.device));
+            (x0 + self.normal_tensor(rng, n, &self.device).mul_scalar(sigmas[k]), labels)
+        } else {
+            let data = self.data.as_ref().context("multi-step training without backward simulation needs `data`")?;
+            let (images, real_labels) = data.batch(n, rng)?;
+            let x = images.to_tensor::<4>(&self.device) + self.normal_tensor(rng, n, &self.device).mul_scalar(sigmas[k]);
+            (x, real_labels.map(|l| l.to_tensor(&self.device)))
+        };
+        let (x_in, labels) = (Tensor::from_inner(x_in), labels.map(Tensor::from_inner));
+        let x = if train {
+            self.generator.forward(x_in, filled(n, sigmas[k], &self.ad), labels.clone())
+        } else {
+            Tensor::from_inner(self.generator.valid().forward(x_in.inner(), filled(n, sigmas[k], &self.device), labels.clone().map(|l| l.inner())))
+        };
+        Ok((x, labels))
+    }
+
     /// One training step: a generator update (every `fake_updates_per_generator_update`-th
-    /// step, as DMD2's TTUR), then a fake-score update. All randomness comes from (seed, step).
+    /// step, as DMD2's TTUR), then a fake-score (and GAN classifier) update. All randomness
+    /// comes from (seed, step).
     pub fn step(&mut self, step: usize) -> Result<StepStats> {
         let cfg = self.cfg.clone();
         let (tr, loss_cfg) = (&cfg.train, &cfg.loss);
@@ -360,17 +557,22 @@ impl Distiller {
         let bs = tr.batch_size;
         let sigma_g = cfg.generator.conditioning_sigma;
         let mut stats = StepStats::default();
-        let [c, h, w] = self.shape;
+        let mut total: Option<Tensor<1>> = None;
+        let mut add = |term: Tensor<1>, weight: f64| {
+            let term = term.mul_scalar(weight);
+            total = Some(match total.take() {
+                Some(t) => t + term,
+                None => term,
+            });
+        };
 
-        // 1. Generator: distribution matching + regression on teacher pairs.
+        // 1. Generator: distribution matching, GAN, regression on teacher pairs.
         let mut generated: Option<(Tensor<4>, Option<Tensor<2>>)> = None;
         if step % tr.fake_updates_per_generator_update == 0 {
-            let (z, labels) = self.noise_batch(&mut rng, bs, &self.ad);
-            let x = generate(&self.generator, z, labels.clone(), sigma_g);
-            let mut total: Option<Tensor<1>> = None;
+            let (x, labels) = self.generator_batch(&mut rng, bs, true)?;
             if loss_cfg.dm_weight > 0.0 {
                 let sigma = self.sigma_batch(&mut rng, bs, cfg.grid.dm_range(), &self.ad);
-                let noise = Tensor::<4>::from_data(TensorData::new(normals(&mut rng, bs * c * h * w), [bs, c, h, w]), &self.ad);
+                let noise = self.normal_tensor(&mut rng, bs, &self.ad);
                 let fake = self.fake.valid();
                 let plain_labels = labels.clone().map(|l| l.inner());
                 let real = &self.real;
@@ -382,7 +584,15 @@ impl Distiller {
                     |x_t, s| Tensor::from_inner(fake.forward(x_t.inner(), s.inner(), plain_labels.clone())),
                 );
                 stats.dm_loss = Some(dm.loss.clone().into_scalar::<f64>());
-                total = Some(dm.loss.mul_scalar(loss_cfg.dm_weight));
+                add(dm.loss, loss_cfg.dm_weight);
+            }
+            if let (Some(gan), true) = (&self.gan, loss_cfg.gan_generator_weight > 0.0) {
+                // Gradients flow through the (frozen) fake score and head into the images only.
+                let (sigma, noise) = self.gan_noise(&mut rng, bs);
+                let logits = realism_logits(&self.fake.clone().no_grad(), &gan.head.clone().no_grad(), x.clone(), sigma, noise, labels.clone());
+                let loss = generator_gan_loss(logits);
+                stats.gan_generator_loss = Some(loss.clone().into_scalar::<f64>());
+                add(loss, loss_cfg.gan_generator_weight);
             }
             if let (Some(pairs), true) = (&self.pairs, loss_cfg.regression_weight > 0.0) {
                 let m = tr.regression_batch_size.min(pairs.len());
@@ -397,19 +607,16 @@ impl Distiller {
                 let y_ref = rows(&pairs.images).to_tensor::<4>(&self.ad);
                 let l_ref = pairs.labels.as_ref().map(|l| rows(l).to_tensor::<2>(&self.ad));
                 let g_ref = generate(&self.generator, z_ref, l_ref, sigma_g);
-                let reg = match loss_cfg.regression {
-                    Regression::L2 => l2(g_ref, y_ref),
-                    Regression::PseudoHuber => pseudo_huber(g_ref, y_ref),
-                    Regression::None | Regression::Lpips => unreachable!("validated"),
+                let reg = match (loss_cfg.regression, &self.lpips) {
+                    (Regression::L2, _) => l2(g_ref, y_ref),
+                    (Regression::PseudoHuber, _) => pseudo_huber(g_ref, y_ref),
+                    (Regression::Lpips, Some(net)) => lpips(g_ref, y_ref, net),
+                    (Regression::None | Regression::Lpips, _) => unreachable!("validated"),
                 };
                 stats.regression_loss = Some(reg.clone().into_scalar::<f64>());
-                let reg = reg.mul_scalar(loss_cfg.regression_weight);
-                total = Some(match total {
-                    Some(t) => t + reg,
-                    None => reg,
-                });
+                add(reg, loss_cfg.regression_weight);
             }
-            if let Some(total) = total {
+            if let Some(total) = total.take() {
                 let value = total.clone().into_scalar::<f64>();
                 if !value.is_finite() {
                     bail!("step {step}: the generator loss is {value}; stopping before the weights are damaged");
@@ -425,27 +632,45 @@ impl Distiller {
             }
         }
 
-        // 2. Fake score: denoise the generator's current outputs.
+        // 2. Fake score: denoise the generator's current outputs; the GAN classifier tells
+        //    them from real images on the fake score's bottleneck.
         let (x, labels) = match generated {
             Some(g) => g,
-            None => {
-                let (z, labels) = self.noise_batch(&mut rng, bs, &self.device);
-                let x = generate(&self.generator.valid(), z, labels.clone(), sigma_g);
-                (Tensor::from_inner(x), labels.map(Tensor::from_inner))
-            }
+            None => self.generator_batch(&mut rng, bs, false)?,
         };
         let sigma = self.sigma_batch(&mut rng, bs, (0, self.sigmas.len()), &self.ad);
-        let noise = Tensor::<4>::from_data(TensorData::new(normals(&mut rng, bs * c * h * w), [bs, c, h, w]), &self.ad);
+        let noise = self.normal_tensor(&mut rng, bs, &self.ad);
         let fake = &self.fake;
-        let (loss, _) = fake_score_loss(x, sigma, noise, fake.sigma_data(), |x_t, s| fake.forward(x_t, s, labels.clone()));
+        let (mut loss, _) = fake_score_loss(x.clone(), sigma, noise, fake.sigma_data(), |x_t, s| fake.forward(x_t, s, labels.clone()));
         stats.fake_loss = loss.clone().into_scalar::<f64>();
-        if !stats.fake_loss.is_finite() {
-            bail!("step {step}: the fake-score loss is {}; stopping before the weights are damaged", stats.fake_loss);
+        if let (Some(gan), true) = (&self.gan, loss_cfg.gan_discriminator_weight > 0.0) {
+            let (real_images, real_labels) = gan.data.batch(bs, &mut rng)?;
+            let (sigma_r, noise_r) = self.gan_noise(&mut rng, bs);
+            let logits_real = realism_logits(fake, &gan.head, real_images.to_tensor(&self.ad), sigma_r, noise_r, real_labels.map(|l| l.to_tensor(&self.ad)));
+            let (sigma_f, noise_f) = self.gan_noise(&mut rng, bs);
+            let logits_fake = realism_logits(fake, &gan.head, x, sigma_f, noise_f, labels.clone());
+            let d = discriminator_gan_loss(logits_real, logits_fake);
+            stats.gan_discriminator_loss = Some(d.clone().into_scalar::<f64>());
+            loss = loss + d.mul_scalar(loss_cfg.gan_discriminator_weight);
         }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &self.fake);
-        stats.fake_grad_norm = clip_grad_norm(&mut grads, &self.fake, tr.grad_clip);
+        let value = loss.clone().into_scalar::<f64>();
+        if !value.is_finite() {
+            bail!("step {step}: the fake-score loss is {value}; stopping before the weights are damaged");
+        }
+        let mut grads = loss.backward();
+        let mut fake_grads = GradientsParams::from_module(&mut grads, &self.fake);
         let lr = warmup_lr(tr.fake_lr, step, tr.warmup_steps);
-        self.fake = self.fake_optim.step(lr, self.fake.clone(), grads);
+        match self.gan.as_mut() {
+            Some(gan) => {
+                // One clipping norm over the fake score and the head, as DMD2 clips its
+                // guidance model (both) as a whole.
+                let mut head_grads = GradientsParams::from_module(&mut grads, &gan.head);
+                stats.fake_grad_norm = clip_grad_norm_joint(&mut fake_grads, &self.fake, &mut head_grads, &gan.head, tr.grad_clip);
+                gan.head = gan.optim.step(lr, gan.head.clone(), head_grads);
+            }
+            None => stats.fake_grad_norm = clip_grad_norm(&mut fake_grads, &self.fake, tr.grad_clip),
+        }
+        self.fake = self.fake_optim.step(lr, self.fake.clone(), fake_grads);
         Ok(stats)
     }
 
@@ -461,7 +686,12 @@ impl Distiller {
             if let Some(ema) = &self.generator_ema {
                 ema.save(&tmp.join("generator_ema.safetensors"))?;
             }
-            for (name, opt) in [("generator", &self.generator_optim), ("fake", &self.fake_optim)] {
+            let mut optims = vec![("generator", &self.generator_optim), ("fake", &self.fake_optim)];
+            if let Some(gan) = &self.gan {
+                named_tensors(&gan.head).write(&tmp.join("gan_head.safetensors"))?;
+                optims.push(("gan_head", &gan.optim));
+            }
+            for (name, opt) in optims {
                 let p = tmp.join(format!("{name}_optim.bpk"));
                 opt.save(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))?;
             }
@@ -471,11 +701,37 @@ impl Distiller {
     }
 }
 
-/// One-step samples of `generator` for seeds `seed..seed+n` (host, [n, C, H, W]).
-pub fn one_step_samples(generator: &EdmPrecond, device: &Device, n: usize, seed: u64, sigma: f64) -> HostTensor {
+/// The safetensors metadata key holding a generator's noise levels (JSON list, one per step).
+pub const GENERATOR_SIGMAS_KEY: &str = "dmd_generator_sigmas";
+
+/// Saves a generator with its noise levels, so that `dmd sample --generator` runs its steps.
+pub fn save_generator(generator: &EdmPrecond, path: &Path, sigmas: &[f64]) -> Result<()> {
+    generator.save_with_metadata(path, &[(GENERATOR_SIGMAS_KEY, serde_json::to_string(sigmas)?)])?;
+    Ok(())
+}
+
+/// A generator's noise levels from its file's metadata (one step at `default` when absent).
+pub fn generator_sigmas_of(path: &Path, default: f64) -> Result<Vec<f64>> {
+    let meta = NamedTensors::read(path)?.metadata;
+    match meta.get(GENERATOR_SIGMAS_KEY) {
+        Some(s) => {
+            let sigmas: Vec<f64> = serde_json::from_str(s).with_context(|| format!("{}: metadata `{GENERATOR_SIGMAS_KEY}` is not a list of numbers", path.display()))?;
+            if sigmas.is_empty() || sigmas.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                bail!("{}: metadata `{GENERATOR_SIGMAS_KEY}` must list positive noise levels", path.display());
+            }
+            Ok(sigmas)
+        }
+        None => Ok(vec![default]),
+    }
+}
+
+/// Samples of `generator` over `sigmas` for seeds `seed..seed+n` (host, [n, C, H, W]); the
+/// noise of later steps comes from each image's seed too.
+pub fn generator_samples(generator: &EdmPrecond, device: &Device, n: usize, seed: u64, sigmas: &[f64]) -> HostTensor {
     let seeds: Vec<u64> = (0..n as u64).map(|i| seed + i).collect();
-    let (z, labels) = latents_from_seeds(&seeds, generator.image_shape(), generator.label_dim(), None);
-    let x = generate(generator, z.to_tensor(device), labels.map(|l| l.to_tensor(device)), sigma);
+    let shape = generator.image_shape();
+    let (z, labels) = latents_from_seeds(&seeds, shape, generator.label_dim(), None);
+    let x = generate_steps(generator, z.to_tensor(device), labels.map(|l| l.to_tensor(device)), sigmas, |k| step_noise(&seeds, shape, k).to_tensor(device));
     HostTensor::from_tensor(x)
 }
 
@@ -490,6 +746,7 @@ fn resume_key(cfg: &DistillConfig) -> DistillConfig {
     c.train.total_steps = 0;
     c.train.log_every = 0;
     c.train.checkpoint_every = 0;
+    c.train.sample_every = 0;
     c.eval = DistillEvalConfig::default();
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
@@ -514,13 +771,17 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
     };
     let metrics = out.join("metrics.jsonl");
     truncate_jsonl(&metrics, start)?;
+    let l = &cfg.loss;
     eprintln!(
-        "distilling {} into a one-step generator on {} (dm weight {}, regression {:?} x {}, {} fake update(s) per generator update)",
+        "distilling {} into a {}-step generator on {} (dm x {}, regression {:?} x {}, GAN x {}/{}, {} fake update(s) per generator update)",
         cfg.teacher.weights.display(),
+        cfg.generator.steps,
         cfg.device,
-        cfg.loss.dm_weight,
-        cfg.loss.regression,
-        cfg.loss.regression_weight,
+        l.dm_weight,
+        l.regression,
+        l.regression_weight,
+        l.gan_generator_weight,
+        l.gan_discriminator_weight,
         cfg.train.fake_updates_per_generator_update
     );
     let tr = &cfg.train;
@@ -541,7 +802,9 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
                 "step": done,
                 "dm_loss": mean(&|s| s.dm_loss),
                 "regression_loss": mean(&|s| s.regression_loss),
+                "gan_generator_loss": mean(&|s| s.gan_generator_loss),
                 "fake_loss": mean(&|s| Some(s.fake_loss)),
+                "gan_discriminator_loss": mean(&|s| s.gan_discriminator_loss),
                 "generator_grad_norm": mean(&|s| s.generator_grad_norm),
                 "fake_grad_norm": mean(&|s| Some(s.fake_grad_norm)),
                 "generator_lr": warmup_lr(tr.generator_lr, step, tr.warmup_steps),
@@ -556,16 +819,20 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
         if done % tr.checkpoint_every == 0 || done == tr.total_steps {
             d.save(&ckpt, done)?;
         }
+        if tr.sample_every > 0 && (done % tr.sample_every == 0 || done == tr.total_steps) {
+            let png = preview(&d.sampling_generator(), &d.device, &d.generator_sigmas, cfg.eval.seed)?;
+            write_atomic(&out.join("samples").join(format!("step-{done:07}.png")), &png)?;
+        }
     }
     bar.finish_and_clear();
     let generator = d.sampling_generator();
     let path = out.join("generator.safetensors");
-    generator.save(&path)?;
+    save_generator(&generator, &path, &d.generator_sigmas)?;
     eprintln!("one-step generator: {} (sample it with `dmd sample --generator {}`)", path.display(), path.display());
     let eval = match cfg.eval.toy {
         Some(kind) => {
-            let x = one_step_samples(&generator, &d.device, cfg.eval.num_samples, cfg.eval.seed, cfg.generator.conditioning_sigma);
-            let e = toy_eval_of(&x.data, &ToyDistribution::new(kind), cfg.eval.seed, 1);
+            let x = generator_samples(&generator, &d.device, cfg.eval.num_samples, cfg.eval.seed, &d.generator_sigmas);
+            let e = toy_eval_of(&x.data, &ToyDistribution::new(kind), cfg.eval.seed, d.generator_sigmas.len());
             write_atomic(&out.join("eval.json"), serde_json::to_string_pretty(&e)?.as_bytes())?;
             eprintln!("{}", e.summary());
             Some(e)
@@ -573,4 +840,15 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
         None => None,
     };
     Ok(DistillRun { generator: path, eval })
+}
+
+/// A sample grid (scatter plot for 2-D points) of the generator, same seeds every time.
+fn preview(generator: &EdmPrecond, device: &Device, sigmas: &[f64], seed: u64) -> Result<Vec<u8>> {
+    let points = generator.image_shape() == [2, 1, 1];
+    let x = generator_samples(generator, device, if points { 1000 } else { 64 }, seed, sigmas);
+    if points {
+        scatter_png(&[(&x, [20, 60, 200])], 512)
+    } else {
+        grid_png(&x)
+    }
 }

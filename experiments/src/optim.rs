@@ -1,13 +1,33 @@
 //! Optimiser helpers Burn leaves to the user: clipping by the global gradient norm (PyTorch's
 //! `clip_grad_norm_`, as DMD2 uses; Burn's own clipping is per parameter) and linear warm-up.
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
 /// Scales every gradient of `module` so that their global L2 norm is at most `max_norm`
 /// (no-op when `max_norm` is not positive). Returns the norm before clipping.
 pub fn clip_grad_norm<M: Module>(grads: &mut GradientsParams, module: &M, max_norm: f64) -> f64 {
+    let norm = sum_squares(grads, module).sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        scale(grads, module, max_norm / (norm + 1e-6));
+    }
+    norm
+}
+
+/// [`clip_grad_norm`] over two modules together (one norm over both, as PyTorch's
+/// `clip_grad_norm_` over a model holding both).
+pub fn clip_grad_norm_joint<A: Module, B: Module>(ga: &mut GradientsParams, a: &A, gb: &mut GradientsParams, b: &B, max_norm: f64) -> f64 {
+    let norm = (sum_squares(ga, a) + sum_squares(gb, b)).sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        scale(ga, a, factor);
+        scale(gb, b, factor);
+    }
+    norm
+}
+
+fn sum_squares<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,
         total: f64,
@@ -19,27 +39,24 @@ pub fn clip_grad_norm<M: Module>(grads: &mut GradientsParams, module: &M, max_no
             }
         }
     }
+    let mut s = SumSquares { grads, total: 0.0 };
+    module.visit(&mut s);
+    s.total
+}
+
+fn scale<M: Module>(grads: &mut GradientsParams, module: &M, factor: f64) {
     struct Scale<'a> {
         grads: &'a mut GradientsParams,
         factor: f64,
-        ids: Vec<ParamId>,
     }
     impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
                 self.grads.register(param.id, g.mul_scalar(self.factor));
-                self.ids.push(param.id);
             }
         }
     }
-    let mut s = SumSquares { grads, total: 0.0 };
-    module.visit(&mut s);
-    let norm = s.total.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
-        module.visit(&mut Scale { grads, factor, ids: Vec::new() });
-    }
-    norm
+    module.visit(&mut Scale { grads, factor });
 }
 
 /// Learning rate with linear warm-up over `warmup_steps` (0: none).

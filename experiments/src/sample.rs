@@ -1,6 +1,7 @@
 //! `dmd sample`: runs EDM's sampler on a network from latents in a file or drawn from seeds.
 
 use crate::device::Backend;
+use crate::distill::{generate_steps, generator_sigmas_of};
 use crate::output::{write_images, OutKind};
 use anyhow::{bail, Context, Result};
 use dmd_models::{config_path_for, sample, EdmPrecond, HostTensor, NamedTensors, NetDenoiser, SamplerConfig, Solver};
@@ -15,7 +16,8 @@ pub struct SampleArgs {
     /// The network: EDM weights as safetensors (EDM's state_dict names).
     #[arg(long, required_unless_present = "generator", conflicts_with = "generator")]
     pub teacher: Option<PathBuf>,
-    /// A one-step generator from `dmd distill`: one denoiser call at sigma_max (`--steps 1`).
+    /// A generator from `dmd distill`: one denoiser call at sigma_max, or its own few steps
+    /// (the noise levels stored in the file); the sampler options do not apply.
     #[arg(long)]
     pub generator: Option<PathBuf>,
     /// Its config (EDM's constructor kwargs as JSON); default: the same path with `.json`.
@@ -101,6 +103,18 @@ pub fn latents_from_seeds(seeds: &[u64], shape: [usize; 3], label_dim: usize, cl
     let latents = HostTensor::new(vec![n, shape[0], shape[1], shape[2]], z);
     let labels = (label_dim > 0).then(|| HostTensor::new(vec![n, label_dim], labels));
     (latents, labels)
+}
+
+/// The fresh noise a multi-step generator adds before its step `k` (k >= 1), per image from
+/// its seed (independent of the latents drawn from the same seed).
+pub fn step_noise(seeds: &[u64], shape: [usize; 3], k: usize) -> HostTensor {
+    let per: usize = shape.iter().product();
+    let mut z = Vec::with_capacity(seeds.len() * per);
+    for &seed in seeds {
+        let mut rng = StdRng::seed_from_u64(crate::teacher::step_seed(seed, k as u64, 0x6e6f_6973));
+        z.extend((0..per).map(|_| rng.sample::<f64, _>(StandardNormal) as f32));
+    }
+    HostTensor::new(vec![seeds.len(), shape[0], shape[1], shape[2]], z)
 }
 
 /// Reads and checks a latents file against the network's image shape and label count.
@@ -240,6 +254,25 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     };
     if OutKind::of(&args.out) == OutKind::Folder && args.out.is_file() {
         bail!("{}: exists and is a file; --out takes a .safetensors file, a .png grid, or a folder", args.out.display());
+    }
+    if args.generator.is_some() {
+        let sigmas = generator_sigmas_of(&weights, args.sigma_max)?;
+        let n = latents.shape[0];
+        let bar = progress(n as u64, "sampling");
+        let mut outs = Vec::new();
+        for start in (0..n).step_by(args.batch) {
+            let end = (start + args.batch).min(n);
+            let seeds = &churn_seeds[start..end];
+            let z = rows(&latents, start, end).to_tensor(&device);
+            let lab = labels.as_ref().map(|l| rows(l, start, end).to_tensor(&device));
+            let x = generate_steps(&net, z, lab, &sigmas, |k| step_noise(seeds, shape, k).to_tensor(&device));
+            outs.push(HostTensor::from_tensor(x));
+            bar.inc((end - start) as u64);
+        }
+        bar.finish_and_clear();
+        write_images(&args.out, &concat_rows(&outs), labels.as_ref(), &names)?;
+        eprintln!("wrote {n} images ({} generator step(s) at sigma {sigmas:?}) to {}", sigmas.len(), args.out.display());
+        return Ok(());
     }
     let images = sample_batched(&net, &device, &latents, labels.as_ref(), &cfg, &churn_seeds, args.batch, true);
     write_images(&args.out, &images, labels.as_ref(), &names)?;

@@ -71,8 +71,16 @@ impl EdmPrecond {
 
     /// Writes the weights under EDM's names, and the config beside them (same path, `.json`).
     pub fn save(&self, weights: &Path) -> Result<(), ModelError> {
+        self.save_with_metadata(weights, &[])
+    }
+
+    /// [`EdmPrecond::save`] with extra safetensors metadata (key, value).
+    pub fn save_with_metadata(&self, weights: &Path, metadata: &[(&str, String)]) -> Result<(), ModelError> {
         let mut named = named_tensors(self);
         named.metadata.insert("format".into(), "pt".into());
+        for (k, v) in metadata {
+            named.metadata.insert((*k).into(), v.clone());
+        }
         named.write(weights)?;
         let json = config_path_for(weights);
         write_atomic(&json, self.config.resolved().to_json().as_bytes())
