@@ -78,15 +78,15 @@ fn teacher_pairs_distill_and_exact_resume() {
     ok(&dmd(&["sample", "--generator", s(&tmp.join("straight/generator.safetensors")), "--seeds", "0-9", "--out", s(&out)]));
     assert_eq!(get(&read(&out), "images").shape, [10, 2, 1, 1]);
 
-    // DMD2: no regression, TTUR, GAN term on real data, a two-step generator trained on its own
-    // samples; resumed exactly too (GAN head and its optimiser included: the optimiser files
+    // DMD2: no regression, TTUR, GAN term on real data, bfloat16 bodies, a two-step generator trained on its own
+    // samples, bfloat16 network bodies; resumed exactly too (GAN head and its optimiser included: the optimiser files
     // store a hash map, so their bytes vary; identical weights after further steps show the
     // moments were restored).
     let dmd2_cfg = |dir: &str| {
         format!(
             "out_dir = \"{}\"\n[teacher]\nweights = \"{}\"\n[data]\nkind = \"toy\"\nname = \"eight_gaussians\"\n\
              [generator]\nsteps = 2\n[loss]\ngan_generator_weight = 0.003\ngan_discriminator_weight = 0.01\n\
-             [train]\nbatch_size = 16\ntotal_steps = 6\nfake_updates_per_generator_update = 2\nlog_every = 2\ncheckpoint_every = 2\nsample_every = 3\n\
+             [train]\nbatch_size = 16\ntotal_steps = 6\nfake_updates_per_generator_update = 2\nbf16_body = true\nlog_every = 2\ncheckpoint_every = 2\nsample_every = 3\n\
              [eval]\ntoy = \"eight_gaussians\"\nnum_samples = 50\n",
             s(&tmp.join(dir)),
             s(&teacher)
@@ -127,4 +127,43 @@ fn teacher_pairs_distill_and_exact_resume() {
         &[80.0],
     );
     assert_ne!(get(&read(&two), "images").data, one_step.data);
+}
+
+/// DMD's image recipe wired end to end: pairs from an EDM image teacher (`adm_tiny`), then a
+/// distillation with the LPIPS regression (upsampled to 224, VGG16 + v0.1 heads from files).
+#[test]
+fn lpips_regression_on_images() {
+    let (Some(edm), Some(eval)) = (reference_dir("edm"), reference_dir("eval")) else { return };
+    let tmp = scratch("distill_lpips");
+    let teacher = edm.join("adm_tiny.safetensors");
+    let pairs = tmp.join("pairs");
+    ok(&dmd(&["make-pairs", "--teacher", s(&teacher), "--num", "4", "--steps", "2", "--out", s(&pairs)]));
+    let cfg = tmp.join("lpips.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "out_dir = \"{}\"\npairs = \"{}\"\n[teacher]\nweights = \"{}\"\n\
+             [loss]\nregression = \"lpips\"\nlpips_vgg = \"{}\"\nlpips_heads = \"{}\"\n\
+             [train]\nbatch_size = 2\nregression_batch_size = 2\ntotal_steps = 2\nlog_every = 1\nsample_every = 2\n",
+            s(&tmp.join("run")),
+            s(&pairs),
+            s(&teacher),
+            s(&eval.join("vgg16_features_random.safetensors")),
+            s(&eval.join("lpips_vgg_v0.1_lin.safetensors"))
+        ),
+    )
+    .unwrap();
+    ok(&dmd(&["distill", "--config", s(&cfg)]));
+    let metrics = std::fs::read_to_string(tmp.join("run/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let r = v["regression_loss"].as_f64().unwrap_or(f64::NAN);
+        assert!(r.is_finite() && r > 0.0, "LPIPS regression loss in {line}");
+    }
+    assert!(tmp.join("run/samples/step-0000002.png").is_file());
+    // A missing LPIPS file is one line naming it.
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("vgg16_features_random", "nope").replace("/run\"", "/run2\"")).unwrap();
+    let o = dmd(&["distill", "--config", s(&cfg)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("nope.safetensors") && err.lines().count() == 1, "{err}");
 }

@@ -146,6 +146,9 @@ pub struct DistillTrainConfig {
     pub fake_updates_per_generator_update: usize,
     /// Decay of an EMA of the generator (none when unset).
     pub ema_decay: Option<f64>,
+    /// Run the three networks' bodies in bfloat16 (float32 master weights, preconditioning
+    /// and losses), as DMD2 does on GPUs. Meant for CUDA; on the CPU backends it is slower.
+    pub bf16_body: bool,
     pub seed: u64,
     pub log_every: usize,
     pub checkpoint_every: usize,
@@ -167,6 +170,7 @@ impl Default for DistillTrainConfig {
             grad_clip: 10.0,
             fake_updates_per_generator_update: 1,
             ema_decay: None,
+            bf16_body: false,
             seed: 0,
             log_every: 100,
             checkpoint_every: 1000,
@@ -379,7 +383,7 @@ impl Distiller {
                 }
                 RealScore::Exact(mix)
             }
-            None => RealScore::Teacher { net: teacher.clone(), guidance_scale: t.guidance_scale },
+            None => RealScore::Teacher { net: teacher.clone().with_bf16_body(cfg.train.bf16_body), guidance_scale: t.guidance_scale },
         };
         let tr = &cfg.train;
         let adamw = || {
@@ -409,6 +413,7 @@ impl Distiller {
                 (generator, fake, ema, adamw(), adamw())
             }
         };
+        let (generator, fake) = (generator.with_bf16_body(tr.bf16_body), fake.with_bf16_body(tr.bf16_body));
         let pairs = match &cfg.pairs {
             Some(p) if cfg.loss.regression != Regression::None => {
                 let pairs = Pairs::load(p)?;
@@ -674,9 +679,10 @@ impl Distiller {
         Ok(stats)
     }
 
-    /// The generator to sample from: its EMA when kept.
+    /// The generator to sample from: its EMA when kept; float32 throughout, as
+    /// `dmd sample --generator` runs it.
     pub fn sampling_generator(&self) -> EdmPrecond {
-        self.generator_ema.clone().unwrap_or_else(|| self.generator.valid())
+        self.generator_ema.clone().unwrap_or_else(|| self.generator.valid()).with_bf16_body(false)
     }
 
     fn save(&self, dir: &Path, step: usize) -> Result<()> {
@@ -850,5 +856,45 @@ fn preview(generator: &EdmPrecond, device: &Device, sigmas: &[f64], seed: u64) -
         scatter_png(&[(&x, [20, 60, 200])], 512)
     } else {
         grid_png(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<DistillConfig> {
+        let cfg: DistillConfig = toml::from_str(&format!("out_dir = \"x\"\n{extra}\n[teacher]\nweights = \"t.safetensors\"\n"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn generator_steps_follow_dmd2() {
+        let grid = NoiseGrid::default();
+        let table = grid.sigmas();
+        // DMD2's denoising_step_list for 4 steps of 1000: range(999, 0, -250) = 999, 749, 499, 249.
+        let cfg = config("[generator]\nsteps = 4").unwrap();
+        let want: Vec<f64> = [999, 749, 499, 249].iter().map(|&t| table[t] as f64).collect();
+        let got = cfg.generator.sigmas(&grid);
+        assert_eq!(got[0], 80.0);
+        assert!((want[0] - 80.0).abs() < 1e-4);
+        assert_eq!(&got[1..], &want[1..]);
+        assert_eq!(config("").unwrap().generator.sigmas(&grid), vec![80.0]);
+        let explicit = config("[generator]\nsteps = 2\ntimesteps = [600]").unwrap();
+        assert_eq!(explicit.generator.sigmas(&grid), vec![80.0, table[600] as f64]);
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_with_the_field() {
+        let err = |extra: &str| format!("{:#}", config(extra).unwrap_err());
+        assert!(err("[generator]\nsteps = 3\ntimesteps = [600]").contains("generator.timesteps"));
+        assert!(err("[generator]\nsteps = 3\ntimesteps = [300, 600]").contains("must decrease"));
+        assert!(err("[generator]\nsteps = 2\nbackward_simulation = false").contains("data"));
+        assert!(err("[loss]\ngan_generator_weight = 0.003").contains("data"));
+        assert!(err("pairs = \"p\"\n[loss]\nregression = \"lpips\"").contains("lpips_vgg"));
+        assert!(err("[loss]\ngan_max_timestep = 2000").contains("gan_max_timestep"));
+        assert!(err("[loss]\ndm_weight = -1").contains("negative"));
+        assert!(err("[loss]\nbogus = 1").contains("bogus"));
     }
 }

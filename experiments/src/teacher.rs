@@ -426,6 +426,10 @@ pub struct EvalToyArgs {
     /// Also write a scatter plot of the samples (blue) over data (grey).
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// The network is a generator from `dmd distill`: run its own one or few steps (the noise
+    /// levels stored in its file) instead of EDM's sampler.
+    #[arg(long)]
+    pub generator: bool,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub device: Backend,
 }
@@ -440,7 +444,16 @@ pub fn eval_toy_cmd(args: &EvalToyArgs) -> Result<()> {
         ..EvalConfig::default()
     };
     eval.sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
-    let (result, samples) = eval_toy(&net, &device, args.toy, &eval)?;
+    let (result, samples) = if args.generator {
+        if net.image_shape() != [2, 1, 1] {
+            bail!("eval-toy needs a network on 2-D points ([2, 1, 1]), this one works on {:?}", net.image_shape());
+        }
+        let sigmas = crate::distill::generator_sigmas_of(&args.net, 80.0)?;
+        let samples = crate::distill::generator_samples(&net, &device, eval.num_samples, eval.seed, &sigmas);
+        (toy_eval_of(&samples.data, &ToyDistribution::new(args.toy), eval.seed, sigmas.len()), samples)
+    } else {
+        eval_toy(&net, &device, args.toy, &eval)?
+    };
     println!("{}", serde_json::to_string(&result)?);
     eprintln!("{}", result.summary());
     if let Some(plot) = &args.plot {

@@ -54,7 +54,8 @@ impl ToyMlp {
             emb = emb + map_label.forward(label_dropout(labels, self.label_dropout, &self.training));
         }
         let emb = self.map_layer1.forward(silu(emb));
-        let mut hdn = silu(self.input.forward(x.reshape([n, c * h * w])) + emb);
+        let dtype = x.dtype();
+        let mut hdn = silu(self.input.forward(x.reshape([n, c * h * w])) + emb.cast(dtype));
         for layer in &self.layers {
             hdn = silu(layer.forward(hdn));
         }

@@ -11,7 +11,7 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::module::{avg_pool2d, conv2d, conv_transpose2d};
 use burn::tensor::ops::{AvgPoolOptions, ConvOptions, ConvTransposeOptions};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -104,9 +104,10 @@ impl Linear {
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let x = x.matmul(self.weight.val().transpose());
+        let dtype = x.dtype();
+        let x = x.matmul(like(self.weight.val(), dtype).transpose());
         match &self.bias {
-            Some(b) => x + b.val().unsqueeze::<2>(),
+            Some(b) => x + like(b.val(), dtype).unsqueeze::<2>(),
             None => x,
         }
     }
@@ -178,21 +179,22 @@ impl Conv2d {
     }
 
     /// Depthwise filter for `channels` channels: [channels, 1, k, k].
-    fn filter(&self, channels: usize, scale: f64) -> Tensor<4> {
-        let f = self.resample_filter.as_ref().expect("resampling conv has a filter").val();
+    fn filter(&self, channels: usize, scale: f64, dtype: DType) -> Tensor<4> {
+        let f = like(self.resample_filter.as_ref().expect("resampling conv has a filter").val(), dtype);
         let f = if scale != 1.0 { f.mul_scalar(scale) } else { f };
         f.repeat_dim(0, channels)
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let w = self.weight.as_ref().map(|w| w.val());
+        let dtype = x.dtype();
+        let w = self.weight.as_ref().map(|w| like(w.val(), dtype));
         let w_pad = w.as_ref().map_or(0, |w| w.dims()[3] / 2);
         let f_pad = self.resample_filter.as_ref().map_or(0, |f| (f.shape()[3] - 1) / 2);
         let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d(x, w, None, ConvOptions::new([1, 1], [pad, pad], [1, 1], 1));
         let up = |x: Tensor<4>, c: usize, pad: usize| {
-            conv_transpose2d(x, self.filter(c, 4.0), None, ConvTransposeOptions::new([2, 2], [pad, pad], [0, 0], [1, 1], c))
+            conv_transpose2d(x, self.filter(c, 4.0, dtype), None, ConvTransposeOptions::new([2, 2], [pad, pad], [0, 0], [1, 1], c))
         };
-        let down = |x: Tensor<4>, c: usize, pad: usize| conv2d(x, self.filter(c, 1.0), None, ConvOptions::new([2, 2], [pad, pad], [1, 1], c));
+        let down = |x: Tensor<4>, c: usize, pad: usize| conv2d(x, self.filter(c, 1.0, dtype), None, ConvOptions::new([2, 2], [pad, pad], [1, 1], c));
 
         // EDM's default filter [1, 1] is a 2x2 box: down-sampling is a 2x2 average and
         // up-sampling (filter * 4 = ones) repeats each pixel, both exact in float. Those ops
@@ -224,10 +226,16 @@ impl Conv2d {
             }
         };
         match &self.bias {
-            Some(b) => x + b.val().reshape([1, -1, 1, 1]),
+            Some(b) => x + like(b.val(), dtype).reshape([1, -1, 1, 1]),
             None => x,
         }
     }
+}
+
+/// `w` in the dtype of the activations it meets: EDM's mixed precision keeps float32 master
+/// weights and casts them at use (a no-op in float32).
+pub fn like<const D: usize>(w: Tensor<D>, dtype: DType) -> Tensor<D> {
+    w.cast(dtype)
 }
 
 /// SiLU, x * sigmoid(x), written as x / (1 + exp(-x)): the same function, about 2.5x faster
@@ -264,15 +272,18 @@ impl GroupNorm {
         }
     }
 
+    /// Normalises in float32 whatever the activations' dtype (as autocast runs group_norm),
+    /// and returns the input's dtype.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
+        let dtype = x.dtype();
         let g = self.num_groups;
-        let xg = x.reshape([n, g, (c / g) * h * w]);
+        let xg = x.cast(FloatDType::F32).reshape([n, g, (c / g) * h * w]);
         let mean = xg.clone().mean_dim(2);
         let centered = xg - mean;
         let var = centered.clone().square().mean_dim(2);
         let normed = (centered / var.add_scalar(self.eps).sqrt()).reshape([n, c, h, w]);
-        normed * self.weight.val().reshape([1, -1, 1, 1]) + self.bias.val().reshape([1, -1, 1, 1])
+        (normed * self.weight.val().reshape([1, -1, 1, 1]) + self.bias.val().reshape([1, -1, 1, 1])).cast(dtype)
     }
 }
 
@@ -426,7 +437,7 @@ impl UNetBlock {
         let orig = x.clone();
         let x = self.conv0.forward(silu(self.norm0.forward(x)));
         let [n, c, h, w] = x.dims();
-        let params = self.affine.forward(emb).unsqueeze_dims::<4>(&[2, 3]);
+        let params = like(self.affine.forward(emb), x.dtype()).unsqueeze_dims::<4>(&[2, 3]);
         let x = if self.adaptive_scale {
             let [scale, shift]: [Tensor<4>; 2] = params.chunk(2, 1).try_into().expect("two chunks");
             silu(shift + self.norm1.forward(x) * scale.add_scalar(1.0))
@@ -449,8 +460,9 @@ impl UNetBlock {
         let qkv = qkv.forward(norm2.forward(x.clone())).reshape([n * heads, ch, 3, h * w]);
         let take = |i: usize| qkv.clone().narrow(2, i, 1).reshape([n * heads, ch, h * w]);
         let (q, k, v) = (take(0), take(1), take(2));
-        let k = k.div_scalar((ch as f64).sqrt());
-        let weights = softmax(q.swap_dims(1, 2).matmul(k), 2); // [nh, q, k]
+        // Attention weights in float32 whatever the body's dtype, as EDM's AttentionOp.
+        let k = k.cast(FloatDType::F32).div_scalar((ch as f64).sqrt());
+        let weights = like(softmax(q.cast(FloatDType::F32).swap_dims(1, 2).matmul(k), 2), v.dtype()); // [nh, q, k]
         let a = v.matmul(weights.swap_dims(1, 2)); // [nh, c, q]
         let x = proj.forward(a.reshape([n, c, h, w])) + x;
         self.scale(x)

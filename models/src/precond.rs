@@ -9,7 +9,7 @@ use crate::song::SongUNet;
 use burn::module::Module;
 use crate::config::ConfigError;
 use crate::weights::{load_named, named_tensors, write_atomic, NamedTensors, WeightError};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,11 @@ pub struct EdmPrecond {
     pub model: Backbone,
     #[module(skip)]
     pub config: EdmConfig,
+    /// Run the backbone in bfloat16 (weights stay float32 and are cast at use; the
+    /// preconditioning, embeddings, group norms and attention weights stay float32), as DMD2
+    /// runs its networks on GPUs. Off by default.
+    #[module(skip)]
+    pub bf16_body: bool,
 }
 
 impl EdmPrecond {
@@ -52,7 +57,7 @@ impl EdmPrecond {
             ModelType::SongUNet => Backbone::Song(SongUNet::new(config, init)),
             ModelType::ToyMLP => Backbone::Mlp(ToyMlp::new(config, init)),
         };
-        Self { model, config: config.clone() }
+        Self { model, config: config.clone(), bf16_body: false }
     }
 
     /// The network of `config` with the weights of `tensors` (EDM's `state_dict` names).
@@ -88,6 +93,16 @@ impl EdmPrecond {
         Ok(())
     }
 
+    /// The same network with its backbone in bfloat16 (`true`) or float32.
+    pub fn with_bf16_body(mut self, on: bool) -> Self {
+        self.bf16_body = on;
+        self
+    }
+
+    fn body_dtype(&self) -> FloatDType {
+        if self.bf16_body { FloatDType::BF16 } else { FloatDType::F32 }
+    }
+
     pub fn label_dim(&self) -> usize {
         self.config.label_dim
     }
@@ -116,21 +131,21 @@ impl EdmPrecond {
         augment_labels: Option<Tensor<2>>,
     ) -> Tensor<4> {
         let p = self.preconditioning(&x, sigma, class_labels);
-        let x_in = x.clone() * p.c_in;
+        let x_in = (x.clone() * p.c_in).cast(self.body_dtype());
         let f_x = match &self.model {
             Backbone::Dhariwal(net) => net.forward(x_in, p.c_noise, p.labels, augment_labels),
             Backbone::Song(net) => net.forward(x_in, p.c_noise, p.labels, augment_labels),
             Backbone::Mlp(net) => net.forward(x_in, p.c_noise, p.labels),
         };
-        x * p.c_skip + f_x * p.c_out
+        x * p.c_skip + f_x.cast(FloatDType::F32) * p.c_out
     }
 
     /// The backbone's encoder output for D(x; sigma, labels), [N, C, r, r] (the toy MLP's last
     /// hidden layer as [N, hidden, 1, 1]): DMD2's `return_bottleneck`, which its GAN head reads.
     pub fn bottleneck(&self, x: Tensor<4>, sigma: Tensor<1>, class_labels: Option<Tensor<2>>) -> Tensor<4> {
         let p = self.preconditioning(&x, sigma, class_labels);
-        let x_in = x * p.c_in;
-        match &self.model {
+        let x_in = (x * p.c_in).cast(self.body_dtype());
+        let features = match &self.model {
             Backbone::Dhariwal(net) => net.encode(x_in, p.c_noise, p.labels, None).0,
             Backbone::Song(net) => net.encode(x_in, p.c_noise, p.labels, None).0,
             Backbone::Mlp(net) => {
@@ -138,7 +153,8 @@ impl EdmPrecond {
                 let [n, c] = h.dims();
                 h.reshape([n, c, 1, 1])
             }
-        }
+        };
+        features.cast(FloatDType::F32)
     }
 
     /// Channels and resolution of [`EdmPrecond::bottleneck`].
