@@ -78,10 +78,10 @@ fn teacher_pairs_distill_and_exact_resume() {
     ok(&dmd(&["sample", "--generator", s(&tmp.join("straight/generator.safetensors")), "--seeds", "0-9", "--out", s(&out)]));
     assert_eq!(get(&read(&out), "images").shape, [10, 2, 1, 1]);
 
-    // DMD2: no regression, TTUR, GAN term on real data, bfloat16 bodies, a two-step generator trained on its own
-    // samples, bfloat16 network bodies; resumed exactly too (GAN head and its optimiser included: the optimiser files
-    // store a hash map, so their bytes vary; identical weights after further steps show the
-    // moments were restored).
+    // DMD2: no regression, TTUR, GAN term on real data, a two-step generator trained on its own
+    // samples, bfloat16 network bodies; resumed exactly too (GAN head and its optimiser
+    // included: the optimiser files store a hash map, so their bytes vary; identical weights
+    // after further steps show the moments were restored).
     let dmd2_cfg = |dir: &str| {
         format!(
             "out_dir = \"{}\"\n[teacher]\nweights = \"{}\"\n[data]\nkind = \"toy\"\nname = \"eight_gaussians\"\n\
