@@ -5,6 +5,7 @@
 pub mod config;
 pub mod dhariwal;
 pub mod gan_head;
+pub mod inception;
 pub mod lpips;
 pub mod mlp;
 pub mod nn;
