@@ -1,6 +1,6 @@
 //! The `dmd` command line.
 
-use crate::{bench, device::Backend, distill, pairs, sample, teacher};
+use crate::{bench, device::Backend, distill, fid, pairs, sample, teacher};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -24,6 +24,9 @@ pub enum Command {
     Distill(RunArgs),
     /// Evaluate a network trained on a built-in 2-D toy distribution (energy distance, modes).
     EvalToy(teacher::EvalToyArgs),
+    /// Fréchet Inception Distance as EDM's fid.py computes it: `ref`, `calc`, `distance`.
+    #[command(subcommand)]
+    Fid(fid::FidCommand),
     /// Print speed benchmarks (denoiser images/s, training step time) per CPU backend.
     Bench(bench::BenchArgs),
 }
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> Result<()> {
             distill::distill(&cfg, true).map(|_| ())
         }
         Command::EvalToy(args) => teacher::eval_toy_cmd(&args),
+        Command::Fid(cmd) => fid::run(&cmd),
         Command::Bench(args) => bench::run(&args),
     }
 }

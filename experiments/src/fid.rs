@@ -1,0 +1,319 @@
+//! `dmd fid`: Fréchet Inception Distance as EDM's `fid.py` computes it (and DMD/DMD2 report
+//! it): 2048-d pool features of the FID Inception network, statistics accumulated in
+//! float64 (mu, sigma with n - 1), EDM's `.npz` layout, and the Fréchet distance via
+//! symmetric eigendecompositions (faer).
+
+use crate::device::Backend;
+use crate::distill::{generator_samples, generator_sigmas_of};
+use crate::sample::{progress, seeded_samples};
+use anyhow::{bail, Context, Result};
+use burn::tensor::{Tensor, TensorData};
+use dmd_datasets::{to_pixels, ImageDataset};
+use dmd_models::inception::{FidInception, FidPreprocess};
+use dmd_models::weights::write_atomic;
+use dmd_models::{config_path_for, EdmPrecond, HostTensor, SamplerConfig};
+use faer::{Mat, Side};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Feature statistics: mean [D] and covariance [D, D] (row-major), float64.
+#[derive(Clone, Debug)]
+pub struct FidStats {
+    pub mu: Vec<f64>,
+    pub sigma: Vec<f64>,
+}
+
+impl FidStats {
+    pub fn dim(&self) -> usize {
+        self.mu.len()
+    }
+
+    /// Reads EDM's / pytorch-fid's statistics file (`mu` [D], `sigma` [D, D]).
+    pub fn read_npz(path: &Path) -> Result<Self> {
+        let p = path.display();
+        let mut npz = npyz::npz::NpzArchive::open(path).with_context(|| format!("{p}: not a readable .npz"))?;
+        let mut get = |name: &str| -> Result<(Vec<u64>, Vec<f64>)> {
+            let arr = npz.by_name(name).with_context(|| format!("{p}: cannot read `{name}`"))?.with_context(|| format!("{p}: no array `{name}`"))?;
+            let shape = arr.shape().to_vec();
+            let data: Vec<f64> = match arr.dtype() {
+                npyz::DType::Plain(t) if t.size_field() == 4 => arr.into_vec::<f32>().map(|v| v.into_iter().map(f64::from).collect()),
+                _ => arr.into_vec::<f64>(),
+            }
+            .with_context(|| format!("{p}: `{name}` is not a float array"))?;
+            Ok((shape, data))
+        };
+        let (mu_shape, mu) = get("mu")?;
+        let (sigma_shape, sigma) = get("sigma")?;
+        let d = mu.len() as u64;
+        if mu_shape != [d] || sigma_shape != [d, d] {
+            bail!("{p}: `mu` has shape {mu_shape:?} and `sigma` {sigma_shape:?}; expected [D] and [D, D]");
+        }
+        if let Some(name) = [("mu", &mu), ("sigma", &sigma)].iter().find(|(_, v)| v.iter().any(|x| !x.is_finite())).map(|(n, _)| n) {
+            bail!("{p}: `{name}` has non-finite values");
+        }
+        Ok(Self { mu, sigma })
+    }
+
+    /// Writes the statistics as numpy's `savez` does (uncompressed, float64), atomically.
+    pub fn write_npz(&self, path: &Path) -> Result<()> {
+        let d = self.dim();
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, shape, data) in [("mu", vec![d], &self.mu), ("sigma", vec![d, d], &self.sigma)] {
+            zip.start_file(format!("{name}.npy"), opts)?;
+            zip.write_all(&npy_f64(&shape, data))?;
+        }
+        let bytes = zip.finish()?.into_inner();
+        write_atomic(path, &bytes).with_context(|| path.display().to_string())
+    }
+}
+
+/// A `.npy` (format 1.0) holding little-endian float64 in C order.
+fn npy_f64(shape: &[usize], data: &[f64]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
+    // Pad so that magic (6) + version (2) + length (2) + header ends on a 64-byte boundary.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Running sums of features in float64, as EDM's `fid.py` accumulates them.
+pub struct StatsAccumulator {
+    n: usize,
+    sum: Vec<f64>,
+    sum_outer: Mat<f64>,
+}
+
+impl StatsAccumulator {
+    pub fn new(dim: usize) -> Self {
+        Self { n: 0, sum: vec![0.0; dim], sum_outer: Mat::zeros(dim, dim) }
+    }
+
+    /// Adds a batch of features, [rows, D] row-major.
+    pub fn add(&mut self, features: &[f32]) {
+        let d = self.sum.len();
+        let rows = features.len() / d;
+        let f = Mat::<f64>::from_fn(rows, d, |i, j| features[i * d + j] as f64);
+        for i in 0..rows {
+            for j in 0..d {
+                self.sum[j] += f[(i, j)];
+            }
+        }
+        self.sum_outer += f.transpose() * &f;
+        self.n += rows;
+    }
+
+    pub fn count(&self) -> usize {
+        self.n
+    }
+
+    /// mu = sum / n; sigma = (sum_outer - n mu mu^T) / (n - 1).
+    pub fn finish(&self) -> Result<FidStats> {
+        let (n, d) = (self.n, self.sum.len());
+        if n < 2 {
+            bail!("FID statistics need at least 2 images, got {n}");
+        }
+        let mu: Vec<f64> = self.sum.iter().map(|s| s / n as f64).collect();
+        let mut sigma = vec![0.0; d * d];
+        for i in 0..d {
+            for j in 0..d {
+                sigma[i * d + j] = (self.sum_outer[(i, j)] - n as f64 * mu[i] * mu[j]) / (n - 1) as f64;
+            }
+        }
+        Ok(FidStats { mu, sigma })
+    }
+}
+
+/// ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)). The trace of the square
+/// root is taken as tr((A S_b A)^(1/2)) with A = S_a^(1/2): the same eigenvalues, from
+/// symmetric matrices only (negative eigenvalues from rounding are clamped to 0).
+pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64> {
+    let d = a.dim();
+    if b.dim() != d {
+        bail!("statistics of different dimension: {d} vs {}", b.dim());
+    }
+    let mat = |s: &[f64]| Mat::<f64>::from_fn(d, d, |i, j| s[i * d + j]);
+    let (sa, sb) = (mat(&a.sigma), mat(&b.sigma));
+    let eig = sa.self_adjoint_eigen(Side::Lower).map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
+    let (u, s) = (eig.U(), eig.S().column_vector());
+    let root = Mat::<f64>::from_fn(d, d, |i, j| u[(i, j)] * s[j].max(0.0).sqrt());
+    let sqrt_a = &root * u.transpose();
+    let m = &sqrt_a * &sb * &sqrt_a;
+    let m = Mat::<f64>::from_fn(d, d, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
+    let ev = m.self_adjoint_eigenvalues(Side::Lower).map_err(|e| anyhow::anyhow!("eigenvalues failed: {e:?}"))?;
+    let tr_sqrt: f64 = ev.iter().map(|v| v.max(0.0).sqrt()).sum();
+    let diff: f64 = a.mu.iter().zip(&b.mu).map(|(x, y)| (x - y) * (x - y)).sum();
+    let trace = |s: &[f64]| (0..d).map(|i| s[i * d + i]).sum::<f64>();
+    Ok(diff + trace(&a.sigma) + trace(&b.sigma) - 2.0 * tr_sqrt)
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum FidCommand {
+    /// Reference statistics of a set of images (EDM's `fid.py ref`).
+    Ref {
+        #[command(flatten)]
+        src: FeatureArgs,
+        /// Where to write the statistics (`.npz`: `mu`, `sigma`).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// FID of a set of images against reference statistics (EDM's `fid.py calc`).
+    Calc {
+        #[command(flatten)]
+        src: FeatureArgs,
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// Also write {"fid": .., "num_images": ..} here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The Fréchet distance between two statistics files.
+    Distance { a: PathBuf, b: PathBuf },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FeatureArgs {
+    /// Images: a folder of images (searched recursively) or an EDM dataset zip.
+    #[arg(long, conflicts_with_all = ["generator", "teacher"])]
+    pub images: Option<PathBuf>,
+    /// Or generate them: a generator from `dmd distill` (its own one or few steps)...
+    #[arg(long, conflicts_with = "teacher")]
+    pub generator: Option<PathBuf>,
+    /// ... or a teacher sampled with EDM's Heun sampler (`--steps`).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    #[arg(long, default_value_t = 18)]
+    pub steps: usize,
+    /// Number of images (all of `--images` by default; required when generating). Generated
+    /// images use seeds 0..N, each with a random class as EDM's `generate.py` draws them.
+    #[arg(long)]
+    pub num: Option<usize>,
+    /// The FID Inception weights as safetensors under pytorch-fid's names
+    /// (`tools/inception_to_safetensors.py` converts NVIDIA's or pytorch-fid's file).
+    #[arg(long)]
+    pub inception: PathBuf,
+    /// `nvidia` (EDM's, default: its reference statistics were made so) or `pytorch-fid`.
+    #[arg(long, value_enum, default_value = "nvidia")]
+    pub mode: FidMode,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub device: Backend,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FidMode {
+    Nvidia,
+    PytorchFid,
+}
+
+impl From<FidMode> for FidPreprocess {
+    fn from(m: FidMode) -> Self {
+        match m {
+            FidMode::Nvidia => FidPreprocess::Nvidia,
+            FidMode::PytorchFid => FidPreprocess::PytorchFid,
+        }
+    }
+}
+
+/// Feature statistics of the images `args` names, and how many there were.
+pub fn stats_of(args: &FeatureArgs) -> Result<(FidStats, usize)> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let device = args.device.device()?;
+    let net = FidInception::load(&args.inception, &device)?;
+    let mode = FidPreprocess::from(args.mode);
+    let mut acc = StatsAccumulator::new(2048);
+    let add = |pixels: Vec<u8>, shape: [usize; 4], acc: &mut StatsAccumulator| {
+        let x = Tensor::<4>::from_data(TensorData::new(pixels.into_iter().map(f32::from).collect::<Vec<f32>>(), shape), &device);
+        acc.add(&HostTensor::from_tensor(net.features_of_pixels(x, mode)).data);
+    };
+    match (&args.images, &args.generator, &args.teacher) {
+        (Some(path), _, _) => {
+            let set = ImageDataset::open(path)?;
+            let n = args.num.unwrap_or(set.len());
+            if n > set.len() {
+                bail!("{}: --num {n}, but it holds {} images", path.display(), set.len());
+            }
+            check_channels(set.shape[0], &path.display().to_string())?;
+            let bar = progress(n as u64, "inception");
+            for start in (0..n).step_by(args.batch) {
+                let end = (start + args.batch).min(n);
+                let mut px = Vec::new();
+                for i in start..end {
+                    px.extend(set.image(i)?);
+                }
+                let [c, h, w] = set.shape;
+                add(px, [end - start, c, h, w], &mut acc);
+                bar.inc((end - start) as u64);
+            }
+            bar.finish_and_clear();
+        }
+        (None, g, t) => {
+            let weights = g.as_ref().or(t.as_ref()).context("give --images DIR|ZIP, --generator NET or --teacher NET")?;
+            let n = args.num.context("--num N: how many images to generate")?;
+            let net_g = EdmPrecond::load(weights, &config_path_for(weights), &device, "sampled")?;
+            check_channels(net_g.image_shape()[0], &weights.display().to_string())?;
+            let sigmas = if g.is_some() { Some(generator_sigmas_of(weights, 80.0)?) } else { None };
+            let sampler = SamplerConfig { num_steps: args.steps, ..SamplerConfig::default() };
+            sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
+            let bar = progress(n as u64, "generating + inception");
+            for start in (0..n).step_by(args.batch) {
+                let m = (start + args.batch).min(n) - start;
+                let x = match &sigmas {
+                    Some(s) => generator_samples(&net_g, &device, m, start as u64, s),
+                    None => seeded_samples(&net_g, &device, m, start as u64, &sampler, m),
+                };
+                let shape = [m, x.shape[1], x.shape[2], x.shape[3]];
+                add(to_pixels(&x.data), shape, &mut acc);
+                bar.inc(m as u64);
+            }
+            bar.finish_and_clear();
+        }
+    }
+    Ok((acc.finish()?, acc.count()))
+}
+
+fn check_channels(c: usize, what: &str) -> Result<()> {
+    if c != 1 && c != 3 {
+        bail!("{what}: FID needs 1- or 3-channel images, these have {c}");
+    }
+    Ok(())
+}
+
+pub fn run(cmd: &FidCommand) -> Result<()> {
+    match cmd {
+        FidCommand::Ref { src, out } => {
+            let (stats, n) = stats_of(src)?;
+            stats.write_npz(out)?;
+            eprintln!("statistics of {n} images: {}", out.display());
+        }
+        FidCommand::Calc { src, reference, json } => {
+            let reference = FidStats::read_npz(reference)?;
+            let (stats, n) = stats_of(src)?;
+            let fid = frechet_distance(&stats, &reference)?;
+            println!("{fid:.6}");
+            eprintln!("FID-{n} ({:?} preprocessing)", src.mode);
+            if let Some(path) = json {
+                let v = serde_json::json!({ "fid": fid, "num_images": n, "mode": format!("{:?}", src.mode) });
+                write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+            }
+        }
+        FidCommand::Distance { a, b } => {
+            let fid = frechet_distance(&FidStats::read_npz(a)?, &FidStats::read_npz(b)?)?;
+            println!("{fid:.6}");
+        }
+    }
+    Ok(())
+}
