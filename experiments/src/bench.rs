@@ -1,8 +1,13 @@
-//! `dmd bench`: speed of the denoiser forward pass (images/s) and of one teacher training step
-//! (forward + backward + Adam) per backend. Numbers are printed, never asserted.
+//! `dmd bench`: speed of the denoiser forward pass (images/s), one teacher training step
+//! (forward + backward + Adam) and one DMD iteration per backend; with `--fid`, the Inception
+//! network's images/s and a 2048-d Fréchet distance. Numbers are printed, never asserted.
 
 use crate::device::Backend;
 use crate::distill::{DistillConfig, Distiller};
+use crate::fid::{frechet_distance, StatsAccumulator};
+use dmd_models::inception::{FidInception, FidPreprocess};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use anyhow::{Context, Result};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -31,6 +36,13 @@ pub struct BenchArgs {
     /// Skip the training-step benchmark.
     #[arg(long)]
     pub no_train: bool,
+    /// Also time FID: the Inception network's images/s at 299x299 (per backend; minutes on
+    /// ndarray) and one 2048-d Fréchet distance.
+    #[arg(long)]
+    pub fid: bool,
+    /// Images per Inception call for `--fid`.
+    #[arg(long, default_value_t = 8)]
+    pub fid_batch: usize,
 }
 
 /// The `adm_tiny` architecture of the reference cases: DhariwalUNet, 16x16, 32 channels.
@@ -128,5 +140,45 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let dmd_ms = if args.no_train { "-".to_string() } else { format!("{:.1}", dmd_iteration_s(&net, *backend, args)? * 1000.0) };
         println!("{:<8} {:>20.1} {:>22} {:>24}", backend.to_string(), args.batch as f64 / fwd_s, train_ms, dmd_ms);
     }
+    if args.fid {
+        fid_bench(args)?;
+    }
+    Ok(())
+}
+
+/// Inception images/s per backend (the cost does not depend on the weights' values, so the
+/// network is all zeros) and the time of one 2048-d Fréchet distance.
+fn fid_bench(args: &BenchArgs) -> Result<()> {
+    let b = args.fid_batch.max(1);
+    println!("{:<8} {:>28}", "backend", format!("inception 299x299 (images/s, batch {b})"));
+    for backend in &args.backends {
+        let device = backend.device()?;
+        let net = FidInception::zeros(&device);
+        let px: Vec<f32> = (0..b * 3 * 64 * 64).map(|i| (i * 7919 % 256) as f32).collect();
+        let x = Tensor::<4>::from_data(TensorData::new(px, [b, 3, 64, 64]), &device);
+        let run = || {
+            let t = Instant::now();
+            let _ = net.features_of_pixels(x.clone(), FidPreprocess::Nvidia).into_data();
+            t.elapsed().as_secs_f64()
+        };
+        run();
+        let s = median((0..args.iters.clamp(1, 3)).map(|_| run()).collect());
+        println!("{:<8} {:>28.2}", backend.to_string(), b as f64 / s);
+    }
+    // Statistics of 4096 pseudo-random 2048-d features: full rank, like real ones.
+    let d = 2048;
+    let stats = |seed: u64| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut acc = StatsAccumulator::new(d);
+        for _ in 0..8 {
+            let f: Vec<f32> = (0..512 * d).map(|_| rng.random::<f32>()).collect();
+            acc.add(&f);
+        }
+        acc.finish()
+    };
+    let (a, b) = (stats(1)?, stats(2)?);
+    let t = Instant::now();
+    let fd = frechet_distance(&a, &b)?;
+    println!("Frechet distance, 2048-d: {:.2} s (value {fd:.4})", t.elapsed().as_secs_f64());
     Ok(())
 }

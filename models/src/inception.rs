@@ -296,6 +296,11 @@ impl FidInception {
         load_named(Self::placeholder(device), &tensors, &path.display().to_string(), "inception")
     }
 
+    /// The network with all-zero weights: the shapes and cost of the real one (benchmarks).
+    pub fn zeros(device: &Device) -> Self {
+        Self::placeholder(device)
+    }
+
     fn placeholder(device: &Device) -> Self {
         let init = &mut Init::placeholder(device);
         let mut layers = ModuleDict::default();
