@@ -198,3 +198,27 @@ fn saved_networks_keep_edm_names_and_values() {
         assert_eq!(again.config.resolved(), net.config.resolved());
     }
 }
+
+/// `dmd grid`: row k holds class k's samples for seeds seed + k * per_class + j, exactly the
+/// images `dmd sample --class k --seeds ...` writes.
+#[test]
+fn grid_rows_are_per_class_samples() {
+    let Some(dir) = reference_dir("edm") else { return };
+    let tmp = scratch("cli_grid");
+    let net = dir.join("adm_tiny.safetensors");
+    let grid = tmp.join("grid.png");
+    ok(&dmd(&["grid", "--teacher", net.to_str().unwrap(), "--classes", "2,5", "--per-class", "3", "--steps", "2", "--out", grid.to_str().unwrap()]));
+    let img = image::open(&grid).unwrap().into_rgb8();
+    assert_eq!((img.width(), img.height()), (3 * 16, 2 * 16));
+    // Row 1 is class 5 with seeds 3, 4, 5.
+    let folder = tmp.join("row1");
+    ok(&dmd(&["sample", "--teacher", net.to_str().unwrap(), "--class", "5", "--seeds", "3-5", "--steps", "2", "--out", folder.to_str().unwrap()]));
+    for (j, seed) in [3, 4, 5].iter().enumerate() {
+        let one = image::open(folder.join(format!("{seed:06}.png"))).unwrap().into_rgb8();
+        for y in 0..16 {
+            for x in 0..16 {
+                assert_eq!(one.get_pixel(x, y), img.get_pixel(j as u32 * 16 + x, 16 + y), "seed {seed} pixel ({x},{y})");
+            }
+        }
+    }
+}

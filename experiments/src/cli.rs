@@ -24,6 +24,8 @@ pub enum Command {
     Distill(RunArgs),
     /// Evaluate a network trained on a built-in 2-D toy distribution (energy distance, modes).
     EvalToy(teacher::EvalToyArgs),
+    /// A grid of samples, one row per class.
+    Grid(sample::GridArgs),
     /// Fréchet Inception Distance as EDM's fid.py computes it: `ref`, `calc`, `distance`.
     #[command(subcommand)]
     Fid(fid::FidCommand),
@@ -70,6 +72,7 @@ pub fn run(cli: Cli) -> Result<()> {
             distill::distill(&cfg, true).map(|_| ())
         }
         Command::EvalToy(args) => teacher::eval_toy_cmd(&args),
+        Command::Grid(args) => sample::grid(&args),
         Command::Fid(cmd) => fid::run(&cmd),
         Command::Bench(args) => bench::run(&args),
     }

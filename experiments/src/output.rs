@@ -91,8 +91,14 @@ pub fn encode_png(chw: &[u8], c: usize, h: usize, w: usize) -> Result<Vec<u8>> {
 
 /// A near-square grid of the images, in order, row by row.
 pub fn grid_png(images: &HostTensor) -> Result<Vec<u8>> {
+    let n = images.shape[0];
+    grid_png_cols(images, (n as f64).sqrt().ceil() as usize)
+}
+
+/// A PNG grid with `gw` images per row, filled row by row.
+pub fn grid_png_cols(images: &HostTensor, gw: usize) -> Result<Vec<u8>> {
     let [n, c, h, w] = dims4(images);
-    let gw = (n as f64).sqrt().ceil() as usize;
+    let gw = gw.max(1);
     let gh = n.div_ceil(gw);
     let (gh_px, gw_px) = (gh * h, gw * w);
     let mut canvas = vec![0u8; c * gh_px * gw_px];

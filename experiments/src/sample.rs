@@ -4,6 +4,7 @@ use crate::device::Backend;
 use crate::distill::{generate_steps, generator_sigmas_of};
 use crate::output::{write_images, OutKind};
 use anyhow::{bail, Context, Result};
+use dmd_models::weights::write_atomic;
 use dmd_models::{config_path_for, sample, EdmPrecond, HostTensor, NamedTensors, NetDenoiser, SamplerConfig, Solver};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -287,5 +288,75 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         cfg.nfe(),
         args.out.display()
     );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GridArgs {
+    /// A generator from `dmd distill` (its own one or few steps)...
+    #[arg(long, required_unless_present = "teacher", conflicts_with = "teacher")]
+    pub generator: Option<PathBuf>,
+    /// ... or a teacher, sampled with EDM's Heun sampler.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    #[arg(long, default_value_t = 18)]
+    pub steps: usize,
+    /// Classes, one per row, e.g. `0-9` or `3,7` (default: every class; one row for an
+    /// unconditional network).
+    #[arg(long)]
+    pub classes: Option<String>,
+    /// Images per row.
+    #[arg(long, default_value_t = 8)]
+    pub per_class: usize,
+    /// Row k, column j uses seed `seed + k * per_class + j`.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub device: Backend,
+}
+
+/// `dmd grid`: one row of samples per class.
+pub fn grid(args: &GridArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let weights = args.generator.as_ref().or(args.teacher.as_ref()).context("give --generator NET or --teacher NET")?;
+    let net = EdmPrecond::load(weights, &config_path_for(weights), &device, "sampled")?;
+    let (shape, label_dim) = (net.image_shape(), net.label_dim());
+    if shape[1] == 1 && shape[2] == 1 {
+        bail!("{}: `dmd grid` is for images; use `dmd eval-toy --plot` for 2-D points", weights.display());
+    }
+    let classes: Vec<Option<usize>> = match (&args.classes, label_dim) {
+        (_, 0) => vec![None],
+        (None, l) => (0..l).map(Some).collect(),
+        (Some(spec), l) => {
+            let ks = parse_seeds(spec).map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("--seeds", "--classes")))?;
+            if let Some(k) = ks.iter().find(|&&k| k as usize >= l) {
+                bail!("--classes: class {k}, but the network has {l}");
+            }
+            ks.into_iter().map(|k| Some(k as usize)).collect()
+        }
+    };
+    let per = args.per_class.max(1);
+    let sigmas = match &args.generator {
+        Some(g) => Some(generator_sigmas_of(g, 80.0)?),
+        None => None,
+    };
+    let sampler = SamplerConfig { num_steps: args.steps, ..SamplerConfig::default() };
+    sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
+    let mut rows = Vec::new();
+    for (k, class) in classes.iter().enumerate() {
+        let seeds: Vec<u64> = (0..per as u64).map(|j| args.seed + (k * per) as u64 + j).collect();
+        let (z, labels) = latents_from_seeds(&seeds, shape, label_dim, *class);
+        let x = match &sigmas {
+            Some(s) => HostTensor::from_tensor(generate_steps(&net, z.to_tensor(&device), labels.map(|l| l.to_tensor(&device)), s, |i| step_noise(&seeds, shape, i).to_tensor(&device))),
+            None => sample_batched(&net, &device, &z, labels.as_ref(), &sampler, &seeds, per, false),
+        };
+        rows.push(x);
+    }
+    let all = concat_rows(&rows);
+    write_atomic(&args.out, &crate::output::grid_png_cols(&all, per)?).with_context(|| args.out.display().to_string())?;
+    eprintln!("wrote {} rows x {per} to {}", classes.len(), args.out.display());
     Ok(())
 }
