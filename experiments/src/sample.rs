@@ -163,7 +163,7 @@ pub fn concat_rows(parts: &[HostTensor]) -> HostTensor {
 pub fn progress(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed}<{eta})")
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ({elapsed}<{eta})")
             .expect("valid template")
             .progress_chars("=> "),
     );
