@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use dmd_experiments::fid::{frechet_distance, FidStats};
+use dmd_experiments::fid::{frechet_distance, inception_score, FidStats};
 use dmd_models::inception::{FidInception, FidPreprocess};
 use dmd_models::HostTensor;
 
@@ -61,4 +61,29 @@ fn nvidia_inception_matches_edm() {
         let f = HostTensor::from_tensor(net.features_of_pixels(pixels, FidPreprocess::Nvidia));
         assert_close(&format!("{features} (nvidia preprocessing)"), &f, get(&cases, features), 1e-4);
     }
+}
+
+/// The Inception Score against torch-fidelity (`tests/data/inception_score`): the score of
+/// given logits (10 splits and 1), and the logits themselves (pool features times the
+/// classifier weight, no bias) of pytorch-fid's network for the eight reference images.
+#[test]
+fn inception_score_matches_torch_fidelity() {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/inception_score/is_cases.safetensors");
+    let cases = read(&here);
+    let logits = get(&cases, "logits");
+    let (m10, s10) = inception_score(&logits.data, 1008, 10).unwrap();
+    let (m1, _) = inception_score(&logits.data, 1008, 1).unwrap();
+    let want = |k: &str| get(&cases, k).data[0] as f64;
+    eprintln!("IS {m10} +- {s10} (10 splits), {m1} (1 split); torch-fidelity {} +- {}, {}", want("is_mean_10"), want("is_std_10"), want("is_mean_1"));
+    for (got, key) in [(m10, "is_mean_10"), (s10, "is_std_10"), (m1, "is_mean_1")] {
+        assert!((got - want(key)).abs() <= 1e-5 * want(key).abs().max(1.0), "{key}: {got} vs {}", want(key));
+    }
+    let Some(dir) = reference_dir("eval") else { return };
+    let device = burn::tensor::Device::flex();
+    let w = dir.join("inception_fid_random.safetensors");
+    let net = FidInception::load(&w, &device).unwrap();
+    let f = net.features_of_pixels(get(&read(&dir.join("inception_cases.safetensors")), "images_u8").to_tensor(&device), FidPreprocess::PytorchFid);
+    let fc = get(&read(&w), "fc.weight").to_tensor::<2>(&device);
+    let l = HostTensor::from_tensor(f.matmul(fc.transpose()));
+    assert_close("logits_unbiased of 8 images", &l, get(&cases, "logits_unbiased_8"), 1e-4);
 }

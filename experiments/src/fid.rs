@@ -1,7 +1,7 @@
 //! `dmd fid`: Fréchet Inception Distance as EDM's `fid.py` computes it (and DMD/DMD2 report
 //! it): 2048-d pool features of the FID Inception network, statistics accumulated in
 //! float64 (mu, sigma with n - 1), EDM's `.npz` layout, and the Fréchet distance via
-//! symmetric eigendecompositions (faer).
+//! symmetric eigendecompositions (faer). Also the Inception Score from the same network.
 
 use crate::device::Backend;
 use crate::distill::{generator_samples, generator_sigmas_of};
@@ -179,6 +179,14 @@ pub enum FidCommand {
     },
     /// The Fréchet distance between two statistics files.
     Distance { a: PathBuf, b: PathBuf },
+    /// The Inception Score of a set of images (needs the classifier: pytorch-fid's weights).
+    Is {
+        #[command(flatten)]
+        src: FeatureArgs,
+        /// Consecutive chunks the score is averaged over (10 in the literature).
+        #[arg(long, default_value_t = 10)]
+        splits: usize,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -228,18 +236,28 @@ impl From<FidMode> for FidPreprocess {
 
 /// Feature statistics of the images `args` names, and how many there were.
 pub fn stats_of(args: &FeatureArgs) -> Result<(FidStats, usize)> {
+    let mut acc = StatsAccumulator::new(2048);
+    for_each_feature_batch(args, &mut |features| {
+        acc.add(&HostTensor::from_tensor(features).data);
+        Ok(())
+    })?;
+    Ok((acc.finish()?, acc.count()))
+}
+
+/// Runs the Inception network over the images `args` names, in batches, handing each batch's
+/// pool features [B, 2048] to `f`. Returns the number of images.
+fn for_each_feature_batch(args: &FeatureArgs, f: &mut dyn FnMut(Tensor<2>) -> Result<()>) -> Result<usize> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
     let device = args.device.device()?;
     let net = FidInception::load(&args.inception, &device)?;
     let mode = FidPreprocess::from(args.mode);
-    let mut acc = StatsAccumulator::new(2048);
-    let add = |pixels: Vec<u8>, shape: [usize; 4], acc: &mut StatsAccumulator| {
+    let mut add = |pixels: Vec<u8>, shape: [usize; 4]| {
         let x = Tensor::<4>::from_data(TensorData::new(pixels.into_iter().map(f32::from).collect::<Vec<f32>>(), shape), &device);
-        acc.add(&HostTensor::from_tensor(net.features_of_pixels(x, mode)).data);
+        f(net.features_of_pixels(x, mode))
     };
-    match (&args.images, &args.generator, &args.teacher) {
+    let n = match (&args.images, &args.generator, &args.teacher) {
         (Some(path), _, _) => {
             let set = ImageDataset::open(path)?;
             let n = args.num.unwrap_or(set.len());
@@ -255,10 +273,11 @@ pub fn stats_of(args: &FeatureArgs) -> Result<(FidStats, usize)> {
                     px.extend(set.image(i)?);
                 }
                 let [c, h, w] = set.shape;
-                add(px, [end - start, c, h, w], &mut acc);
+                add(px, [end - start, c, h, w])?;
                 bar.inc((end - start) as u64);
             }
             bar.finish_and_clear();
+            n
         }
         (None, g, t) => {
             let weights = g.as_ref().or(t.as_ref()).context("give --images DIR|ZIP, --generator NET or --teacher NET")?;
@@ -276,13 +295,58 @@ pub fn stats_of(args: &FeatureArgs) -> Result<(FidStats, usize)> {
                     None => seeded_samples(&net_g, &device, m, start as u64, &sampler, m),
                 };
                 let shape = [m, x.shape[1], x.shape[2], x.shape[3]];
-                add(to_pixels(&x.data), shape, &mut acc);
+                add(to_pixels(&x.data), shape)?;
                 bar.inc(m as u64);
             }
             bar.finish_and_clear();
+            n
         }
+    };
+    Ok(n)
+}
+
+/// The Inception Score's logits: pool features times the 1008-class classifier weight, without
+/// its bias (the original TF implementation's and torch-fidelity's `logits_unbiased`).
+fn classifier_weight(path: &Path, device: &burn::tensor::Device) -> Result<Tensor<2>> {
+    let named = dmd_models::NamedTensors::read(path)?;
+    let w = named.get("fc.weight").with_context(|| format!("{}: no `fc.weight` (the 1008-class classifier the Inception Score needs)", path.display()))?;
+    if w.shape != [1008, 2048] {
+        bail!("{}: `fc.weight` has shape {:?}, expected [1008, 2048]", path.display(), w.shape);
     }
-    Ok((acc.finish()?, acc.count()))
+    if w.data.iter().all(|&v| v == 0.0) {
+        bail!("{}: `fc.weight` is all zeros (NVIDIA's port has no classifier): use pytorch-fid's weights for the Inception Score", path.display());
+    }
+    Ok(w.to_tensor(device))
+}
+
+/// Inception Score from logits [N, C] (row-major): softmax per image, then for each of
+/// `splits` consecutive chunks exp(mean KL(p(y|x) || p(y))) with p(y) the chunk's mean;
+/// returns the mean and the standard deviation (population, ddof 0) over chunks. float64.
+pub fn inception_score(logits: &[f32], classes: usize, splits: usize) -> Result<(f64, f64)> {
+    let n = logits.len() / classes;
+    if splits == 0 || n < splits {
+        bail!("the Inception Score needs at least as many images ({n}) as splits ({splits})");
+    }
+    let probs: Vec<Vec<f64>> = logits
+        .chunks_exact(classes)
+        .map(|row| {
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / z).collect()
+        })
+        .collect();
+    let scores: Vec<f64> = (0..splits)
+        .map(|k| {
+            let part = &probs[k * n / splits..(k + 1) * n / splits];
+            let py: Vec<f64> = (0..classes).map(|c| part.iter().map(|p| p[c]).sum::<f64>() / part.len() as f64).collect();
+            let kl: f64 = part.iter().map(|p| p.iter().zip(&py).map(|(&a, &b)| if a > 0.0 { a * (a.ln() - b.ln()) } else { 0.0 }).sum::<f64>()).sum::<f64>() / part.len() as f64;
+            kl.exp()
+        })
+        .collect();
+    let mean = scores.iter().sum::<f64>() / splits as f64;
+    let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / splits as f64;
+    Ok((mean, var.sqrt()))
 }
 
 fn check_channels(c: usize, what: &str) -> Result<()> {
@@ -309,6 +373,18 @@ pub fn run(cmd: &FidCommand) -> Result<()> {
                 let v = serde_json::json!({ "fid": fid, "num_images": n, "mode": format!("{:?}", src.mode) });
                 write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
             }
+        }
+        FidCommand::Is { src, splits } => {
+            let device = src.device.device()?;
+            let w = classifier_weight(&src.inception, &device)?;
+            let mut logits = Vec::new();
+            let n = for_each_feature_batch(src, &mut |features| {
+                logits.extend(HostTensor::from_tensor(features.matmul(w.clone().transpose())).data);
+                Ok(())
+            })?;
+            let (mean, std) = inception_score(&logits, 1008, *splits)?;
+            println!("{mean:.6} {std:.6}");
+            eprintln!("Inception Score of {n} images: {mean:.4} +- {std:.4} ({splits} splits)");
         }
         FidCommand::Distance { a, b } => {
             let fid = frechet_distance(&FidStats::read_npz(a)?, &FidStats::read_npz(b)?)?;
