@@ -14,9 +14,9 @@ use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::ema_update;
 use crate::optim::{clip_grad_norm, clip_grad_norm_joint, warmup_lr};
-use crate::output::{grid_png, scatter_png};
+use crate::output::preview_png;
 use crate::pairs::Pairs;
-use crate::sample::{latents_from_seeds, progress, step_noise};
+use crate::sample::{latents_from_seeds, progress, run_generator};
 use crate::teacher::{normals, step_seed, toy_eval_of, ToyEval};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -336,11 +336,11 @@ pub struct StepStats {
     pub fake_grad_norm: f64,
 }
 
-/// DMD2's GAN classifier: the head on the fake score's bottleneck, its optimiser, real images.
+/// DMD2's GAN classifier: the head on the fake score's bottleneck and its optimiser (its real
+/// images are the run's `data`).
 pub struct Gan {
     pub head: GanHead,
     pub optim: ModuleOptimizer,
-    pub data: DataSource,
 }
 
 /// Training state of a distillation run.
@@ -357,7 +357,7 @@ pub struct Distiller {
     pub pairs: Option<Pairs>,
     pub lpips: Option<Lpips>,
     pub gan: Option<Gan>,
-    /// Real images (for GAN or multi-step training without backward simulation).
+    /// Real images (the GAN classifier's, and multi-step training without backward simulation).
     pub data: Option<DataSource>,
     pub sigmas: Vec<f32>,
     /// The generator's noise levels, one per step.
@@ -448,8 +448,8 @@ impl Distiller {
             }
             None => None,
         };
-        let gan = match (cfg.loss.gan(), &cfg.data) {
-            (true, Some(d)) => {
+        let gan = match (cfg.loss.gan(), &data) {
+            (true, Some(_)) => {
                 let (c, r) = fake.bottleneck_shape();
                 let head = match checkpoint {
                     Some(dir) => {
@@ -462,7 +462,7 @@ impl Distiller {
                     Some(dir) => load_optim(dir, "gan_head")?,
                     None => adamw(),
                 };
-                Some(Gan { head, optim, data: DataSource::open(d)? })
+                Some(Gan { head, optim })
             }
             _ => None,
         };
@@ -648,8 +648,8 @@ impl Distiller {
         let fake = &self.fake;
         let (mut loss, _) = fake_score_loss(x.clone(), sigma, noise, fake.sigma_data(), |x_t, s| fake.forward(x_t, s, labels.clone()));
         stats.fake_loss = loss.clone().into_scalar::<f64>();
-        if let (Some(gan), true) = (&self.gan, loss_cfg.gan_discriminator_weight > 0.0) {
-            let (real_images, real_labels) = gan.data.batch(bs, &mut rng)?;
+        if let (Some(gan), Some(data), true) = (&self.gan, &self.data, loss_cfg.gan_discriminator_weight > 0.0) {
+            let (real_images, real_labels) = data.batch(bs, &mut rng)?;
             let (sigma_r, noise_r) = self.gan_noise(&mut rng, bs);
             let logits_real = realism_logits(fake, &gan.head, real_images.to_tensor(&self.ad), sigma_r, noise_r, real_labels.map(|l| l.to_tensor(&self.ad)));
             let (sigma_f, noise_f) = self.gan_noise(&mut rng, bs);
@@ -718,7 +718,7 @@ pub fn save_generator(generator: &EdmPrecond, path: &Path, sigmas: &[f64]) -> Re
 
 /// A generator's noise levels from its file's metadata (one step at `default` when absent).
 pub fn generator_sigmas_of(path: &Path, default: f64) -> Result<Vec<f64>> {
-    let meta = NamedTensors::read(path)?.metadata;
+    let meta = NamedTensors::read_metadata(path)?;
     match meta.get(GENERATOR_SIGMAS_KEY) {
         Some(s) => {
             let sigmas: Vec<f64> = serde_json::from_str(s).with_context(|| format!("{}: metadata `{GENERATOR_SIGMAS_KEY}` is not a list of numbers", path.display()))?;
@@ -735,10 +735,8 @@ pub fn generator_sigmas_of(path: &Path, default: f64) -> Result<Vec<f64>> {
 /// noise of later steps comes from each image's seed too.
 pub fn generator_samples(generator: &EdmPrecond, device: &Device, n: usize, seed: u64, sigmas: &[f64]) -> HostTensor {
     let seeds: Vec<u64> = (0..n as u64).map(|i| seed + i).collect();
-    let shape = generator.image_shape();
-    let (z, labels) = latents_from_seeds(&seeds, shape, generator.label_dim(), None);
-    let x = generate_steps(generator, z.to_tensor(device), labels.map(|l| l.to_tensor(device)), sigmas, |k| step_noise(&seeds, shape, k).to_tensor(device));
-    HostTensor::from_tensor(x)
+    let (z, labels) = latents_from_seeds(&seeds, generator.image_shape(), generator.label_dim(), None);
+    run_generator(generator, device, &z, labels.as_ref(), &seeds, sigmas)
 }
 
 pub struct DistillRun {
@@ -851,12 +849,7 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
 /// A sample grid (scatter plot for 2-D points) of the generator, same seeds every time.
 fn preview(generator: &EdmPrecond, device: &Device, sigmas: &[f64], seed: u64) -> Result<Vec<u8>> {
     let points = generator.image_shape() == [2, 1, 1];
-    let x = generator_samples(generator, device, if points { 1000 } else { 64 }, seed, sigmas);
-    if points {
-        scatter_png(&[(&x, [20, 60, 200])], 512)
-    } else {
-        grid_png(&x)
-    }
+    preview_png(&generator_samples(generator, device, if points { 1000 } else { 64 }, seed, sigmas))
 }
 
 #[cfg(test)]

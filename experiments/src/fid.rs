@@ -4,14 +4,13 @@
 //! symmetric eigendecompositions (faer). Also the Inception Score from the same network.
 
 use crate::device::Backend;
-use crate::distill::{generator_samples, generator_sigmas_of};
-use crate::sample::{progress, seeded_samples};
+use crate::sample::{progress, ImageSource};
 use anyhow::{bail, Context, Result};
 use burn::tensor::{Tensor, TensorData};
 use dmd_datasets::{to_pixels, ImageDataset};
 use dmd_models::inception::{FidInception, FidPreprocess};
 use dmd_models::weights::write_atomic;
-use dmd_models::{config_path_for, EdmPrecond, HostTensor, SamplerConfig};
+use dmd_models::HostTensor;
 use faer::{Mat, Side};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -236,22 +235,22 @@ impl From<FidMode> for FidPreprocess {
 
 /// Feature statistics of the images `args` names, and how many there were.
 pub fn stats_of(args: &FeatureArgs) -> Result<(FidStats, usize)> {
+    let net = FidInception::load(&args.inception, &args.device.device()?)?;
     let mut acc = StatsAccumulator::new(2048);
-    for_each_feature_batch(args, &mut |features| {
+    for_each_feature_batch(args, &net, &mut |features| {
         acc.add(&HostTensor::from_tensor(features).data);
         Ok(())
     })?;
     Ok((acc.finish()?, acc.count()))
 }
 
-/// Runs the Inception network over the images `args` names, in batches, handing each batch's
-/// pool features [B, 2048] to `f`. Returns the number of images.
-fn for_each_feature_batch(args: &FeatureArgs, f: &mut dyn FnMut(Tensor<2>) -> Result<()>) -> Result<usize> {
+/// Runs `net` over the images `args` names, in batches, handing each batch's pool features
+/// [B, 2048] to `f`. Returns the number of images.
+fn for_each_feature_batch(args: &FeatureArgs, net: &FidInception, f: &mut dyn FnMut(Tensor<2>) -> Result<()>) -> Result<usize> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
     let device = args.device.device()?;
-    let net = FidInception::load(&args.inception, &device)?;
     let mode = FidPreprocess::from(args.mode);
     let mut add = |pixels: Vec<u8>, shape: [usize; 4]| {
         let x = Tensor::<4>::from_data(TensorData::new(pixels.into_iter().map(f32::from).collect::<Vec<f32>>(), shape), &device);
@@ -280,20 +279,17 @@ fn for_each_feature_batch(args: &FeatureArgs, f: &mut dyn FnMut(Tensor<2>) -> Re
             n
         }
         (None, g, t) => {
-            let weights = g.as_ref().or(t.as_ref()).context("give --images DIR|ZIP, --generator NET or --teacher NET")?;
+            if g.is_none() && t.is_none() {
+                bail!("give --images DIR|ZIP, --generator NET or --teacher NET");
+            }
             let n = args.num.context("--num N: how many images to generate")?;
-            let net_g = EdmPrecond::load(weights, &config_path_for(weights), &device, "sampled")?;
-            check_channels(net_g.image_shape()[0], &weights.display().to_string())?;
-            let sigmas = if g.is_some() { Some(generator_sigmas_of(weights, 80.0)?) } else { None };
-            let sampler = SamplerConfig { num_steps: args.steps, ..SamplerConfig::default() };
-            sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
+            let source = ImageSource::open(g.as_deref(), t.as_deref(), args.steps, &device)?;
+            check_channels(source.net.image_shape()[0], &source.weights.display().to_string())?;
             let bar = progress(n as u64, "generating + inception");
             for start in (0..n).step_by(args.batch) {
                 let m = (start + args.batch).min(n) - start;
-                let x = match &sigmas {
-                    Some(s) => generator_samples(&net_g, &device, m, start as u64, s),
-                    None => seeded_samples(&net_g, &device, m, start as u64, &sampler, m),
-                };
+                let seeds: Vec<u64> = (start as u64..(start + m) as u64).collect();
+                let x = source.samples(&seeds, None);
                 let shape = [m, x.shape[1], x.shape[2], x.shape[3]];
                 add(to_pixels(&x.data), shape)?;
                 bar.inc(m as u64);
@@ -307,8 +303,7 @@ fn for_each_feature_batch(args: &FeatureArgs, f: &mut dyn FnMut(Tensor<2>) -> Re
 
 /// The Inception Score's logits: pool features times the 1008-class classifier weight, without
 /// its bias (the original TF implementation's and torch-fidelity's `logits_unbiased`).
-fn classifier_weight(path: &Path, device: &burn::tensor::Device) -> Result<Tensor<2>> {
-    let named = dmd_models::NamedTensors::read(path)?;
+fn classifier_weight(named: &dmd_models::NamedTensors, path: &Path, device: &burn::tensor::Device) -> Result<Tensor<2>> {
     let w = named.get("fc.weight").with_context(|| format!("{}: no `fc.weight` (the 1008-class classifier the Inception Score needs)", path.display()))?;
     if w.shape != [1008, 2048] {
         bail!("{}: `fc.weight` has shape {:?}, expected [1008, 2048]", path.display(), w.shape);
@@ -376,9 +371,12 @@ pub fn run(cmd: &FidCommand) -> Result<()> {
         }
         FidCommand::Is { src, splits } => {
             let device = src.device.device()?;
-            let w = classifier_weight(&src.inception, &device)?;
+            // One read of the weights file for the classifier and the network.
+            let named = dmd_models::NamedTensors::read(&src.inception)?;
+            let w = classifier_weight(&named, &src.inception, &device)?;
+            let net = FidInception::from_named(named, &src.inception.display().to_string(), &device)?;
             let mut logits = Vec::new();
-            let n = for_each_feature_batch(src, &mut |features| {
+            let n = for_each_feature_batch(src, &net, &mut |features| {
                 logits.extend(HostTensor::from_tensor(features.matmul(w.clone().transpose())).data);
                 Ok(())
             })?;

@@ -117,6 +117,15 @@ pub fn grid_png_cols(images: &HostTensor, gw: usize) -> Result<Vec<u8>> {
     encode_png(&canvas, c, gh_px, gw_px)
 }
 
+/// A preview of samples: a scatter plot for 2-D points, a grid for images.
+pub fn preview_png(samples: &HostTensor) -> Result<Vec<u8>> {
+    if is_points(samples) {
+        scatter_png(&[(samples, [20, 60, 200])], 512)
+    } else {
+        grid_png(samples)
+    }
+}
+
 /// Scatter plot of 2-D point sets over [-1.5, 1.5]^2, each set in its colour.
 pub fn scatter_png(sets: &[(&HostTensor, [u8; 3])], size: usize) -> Result<Vec<u8>> {
     let mut chw = vec![255u8; 3 * size * size];

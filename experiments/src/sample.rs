@@ -118,6 +118,48 @@ pub fn step_noise(seeds: &[u64], shape: [usize; 3], k: usize) -> HostTensor {
     HostTensor::new(vec![seeds.len(), shape[0], shape[1], shape[2]], z)
 }
 
+/// A generator's output for latents `z` (and labels): its steps over `sigmas`, the noise of
+/// later steps drawn from each image's seed (`seeds`, one per row).
+pub fn run_generator(net: &EdmPrecond, device: &burn::tensor::Device, z: &HostTensor, labels: Option<&HostTensor>, seeds: &[u64], sigmas: &[f64]) -> HostTensor {
+    let shape = net.image_shape();
+    let x = generate_steps(net, z.to_tensor(device), labels.map(|l| l.to_tensor(device)), sigmas, |k| step_noise(seeds, shape, k).to_tensor(device));
+    HostTensor::from_tensor(x)
+}
+
+/// A network that draws images for seeds: a generator from `dmd distill` (its own steps, the
+/// noise levels stored in its file) or a teacher (EDM's Heun sampler with `steps`).
+pub struct ImageSource {
+    pub net: EdmPrecond,
+    pub weights: PathBuf,
+    generator_sigmas: Option<Vec<f64>>,
+    sampler: SamplerConfig,
+    device: burn::tensor::Device,
+}
+
+impl ImageSource {
+    pub fn open(generator: Option<&Path>, teacher: Option<&Path>, steps: usize, device: &burn::tensor::Device) -> Result<Self> {
+        let weights = generator.or(teacher).context("give --generator NET or --teacher NET")?;
+        let net = EdmPrecond::load(weights, &config_path_for(weights), device, "sampled")?;
+        let generator_sigmas = match generator {
+            Some(g) => Some(generator_sigmas_of(g, 80.0)?),
+            None => None,
+        };
+        let sampler = SamplerConfig { num_steps: steps, ..SamplerConfig::default() };
+        sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
+        Ok(Self { net, weights: weights.to_path_buf(), generator_sigmas, sampler, device: device.clone() })
+    }
+
+    /// Images [seeds, C, H, W] for `seeds` (latents from each seed; `class` for every image, or
+    /// a random class per seed).
+    pub fn samples(&self, seeds: &[u64], class: Option<usize>) -> HostTensor {
+        let (z, labels) = latents_from_seeds(seeds, self.net.image_shape(), self.net.label_dim(), class);
+        match &self.generator_sigmas {
+            Some(s) => run_generator(&self.net, &self.device, &z, labels.as_ref(), seeds, s),
+            None => sample_batched(&self.net, &self.device, &z, labels.as_ref(), &self.sampler, seeds, seeds.len(), false),
+        }
+    }
+}
+
 /// Reads and checks a latents file against the network's image shape and label count.
 pub fn read_latents(path: &Path, shape: [usize; 3], label_dim: usize) -> Result<(HostTensor, Option<HostTensor>)> {
     let file = NamedTensors::read(path)?;
@@ -263,11 +305,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         let mut outs = Vec::new();
         for start in (0..n).step_by(args.batch) {
             let end = (start + args.batch).min(n);
-            let seeds = &churn_seeds[start..end];
-            let z = rows(&latents, start, end).to_tensor(&device);
-            let lab = labels.as_ref().map(|l| rows(l, start, end).to_tensor(&device));
-            let x = generate_steps(&net, z, lab, &sigmas, |k| step_noise(seeds, shape, k).to_tensor(&device));
-            outs.push(HostTensor::from_tensor(x));
+            let lab = labels.as_ref().map(|l| rows(l, start, end));
+            outs.push(run_generator(&net, &device, &rows(&latents, start, end), lab.as_ref(), &churn_seeds[start..end], &sigmas));
             bar.inc((end - start) as u64);
         }
         bar.finish_and_clear();
@@ -321,11 +360,10 @@ pub struct GridArgs {
 /// `dmd grid`: one row of samples per class.
 pub fn grid(args: &GridArgs) -> Result<()> {
     let device = args.device.device()?;
-    let weights = args.generator.as_ref().or(args.teacher.as_ref()).context("give --generator NET or --teacher NET")?;
-    let net = EdmPrecond::load(weights, &config_path_for(weights), &device, "sampled")?;
-    let (shape, label_dim) = (net.image_shape(), net.label_dim());
+    let source = ImageSource::open(args.generator.as_deref(), args.teacher.as_deref(), args.steps, &device)?;
+    let (shape, label_dim) = (source.net.image_shape(), source.net.label_dim());
     if shape[1] == 1 && shape[2] == 1 {
-        bail!("{}: `dmd grid` is for images; use `dmd eval-toy --plot` for 2-D points", weights.display());
+        bail!("{}: `dmd grid` is for images; use `dmd eval-toy --plot` for 2-D points", source.weights.display());
     }
     let classes: Vec<Option<usize>> = match (&args.classes, label_dim) {
         (_, 0) => vec![None],
@@ -339,21 +377,10 @@ pub fn grid(args: &GridArgs) -> Result<()> {
         }
     };
     let per = args.per_class.max(1);
-    let sigmas = match &args.generator {
-        Some(g) => Some(generator_sigmas_of(g, 80.0)?),
-        None => None,
-    };
-    let sampler = SamplerConfig { num_steps: args.steps, ..SamplerConfig::default() };
-    sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
     let mut rows = Vec::new();
     for (k, class) in classes.iter().enumerate() {
         let seeds: Vec<u64> = (0..per as u64).map(|j| args.seed + (k * per) as u64 + j).collect();
-        let (z, labels) = latents_from_seeds(&seeds, shape, label_dim, *class);
-        let x = match &sigmas {
-            Some(s) => HostTensor::from_tensor(generate_steps(&net, z.to_tensor(&device), labels.map(|l| l.to_tensor(&device)), s, |i| step_noise(&seeds, shape, i).to_tensor(&device))),
-            None => sample_batched(&net, &device, &z, labels.as_ref(), &sampler, &seeds, per, false),
-        };
-        rows.push(x);
+        rows.push(source.samples(&seeds, *class));
     }
     let all = concat_rows(&rows);
     write_atomic(&args.out, &crate::output::grid_png_cols(&all, per)?).with_context(|| args.out.display().to_string())?;

@@ -9,7 +9,7 @@ use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
 use crate::metrics::{energy_distance, mode_stats, ModeStats};
-use crate::output::{grid_png, scatter_png};
+use crate::output::{preview_png, scatter_png};
 use crate::sample::{progress, seeded_samples};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -335,12 +335,7 @@ fn save_checkpoint(dir: &Path, net: &EdmPrecond, ema: &EdmPrecond, optim: &Modul
 fn preview(net: &EdmPrecond, device: &Device, eval: &EvalConfig) -> Result<Vec<u8>> {
     let points = net.image_shape() == [2, 1, 1];
     let n = if points { eval.num_samples.min(1000) } else { 64 };
-    let images = seeded_samples(net, device, n, eval.seed, &eval.sampler, 256);
-    if points {
-        scatter_png(&[(&images, [20, 60, 200])], 512)
-    } else {
-        grid_png(&images)
-    }
+    preview_png(&seeded_samples(net, device, n, eval.seed, &eval.sampler, 256))
 }
 
 /// Quality of a toy-data network's samples against fresh data.

@@ -291,9 +291,13 @@ pub enum FidPreprocess {
 impl FidInception {
     /// Loads weights under pytorch-fid's names (`fc.*`, the classifier, is ignored).
     pub fn load(path: &Path, device: &Device) -> Result<Self, WeightError> {
-        let mut tensors = NamedTensors::read(path)?;
+        Self::from_named(NamedTensors::read(path)?, &path.display().to_string(), device)
+    }
+
+    /// [`FidInception::load`] from tensors already read; `file` names them in errors.
+    pub fn from_named(mut tensors: NamedTensors, file: &str, device: &Device) -> Result<Self, WeightError> {
         tensors.tensors.retain(|k, _| !k.starts_with("fc."));
-        load_named(Self::placeholder(device), &tensors, &path.display().to_string(), "inception")
+        load_named(Self::placeholder(device), &tensors, file, "inception")
     }
 
     /// The network with all-zero weights: the shapes and cost of the real one (benchmarks).

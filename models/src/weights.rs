@@ -79,6 +79,28 @@ impl NamedTensors {
         Self::from_bytes(&bytes, &p)
     }
 
+    /// A safetensors file's `__metadata__` alone, from its header (the tensors are not read).
+    pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, WeightError> {
+        use std::io::Read;
+        let p = path.display().to_string();
+        let io = |e: std::io::Error| WeightError::Io { path: p.clone(), msg: e.to_string() };
+        let format = |msg: String| WeightError::Format { path: p.clone(), msg };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|e| format(format!("no header: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100_000_000 {
+            return Err(format(format!("header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header).map_err(|e| format(format!("truncated header: {e}")))?;
+        let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| format(format!("header is not JSON: {e}")))?;
+        match json.get("__metadata__") {
+            None => Ok(HashMap::new()),
+            Some(m) => serde_json::from_value(m.clone()).map_err(|e| format(format!("__metadata__: {e}"))),
+        }
+    }
+
     pub fn from_bytes(bytes: &[u8], path: &str) -> Result<Self, WeightError> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format { path: path.into(), msg: e.to_string() })?;
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| WeightError::Format { path: path.into(), msg: e.to_string() })?;
