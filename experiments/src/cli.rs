@@ -1,6 +1,6 @@
 //! The `dmd` command line.
 
-use crate::{bench, device::Backend, distill, fid, pairs, sample, teacher};
+use crate::{bench, device::Backend, distill, experiment, fid, pairs, sample, teacher};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -14,6 +14,11 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run an experiment end to end from its config: teacher, pairs, distillation, evaluation
+    /// (finished stages are skipped, interrupted ones resume); writes results/<name>/.
+    Run(experiment::RunExperimentArgs),
+    /// Run several experiments (an ablation set file, or configs) and write one comparison table.
+    Ablate(experiment::AblateArgs),
     /// Sample images from a network with EDM's Heun/Euler/stochastic sampler.
     Sample(sample::SampleArgs),
     /// Train an EDM teacher from a TOML config (resumes from the run's checkpoint).
@@ -59,6 +64,8 @@ impl RunArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => experiment::run_cmd(&args),
+        Command::Ablate(args) => experiment::ablate(&args),
         Command::Sample(args) => sample::run(&args),
         Command::TrainTeacher(a) => {
             let mut cfg = teacher::TeacherConfig::from_file(&a.config)?;

@@ -41,6 +41,10 @@ pub enum DataConfig {
         conditional: bool,
         #[serde(default)]
         pad_to: Option<usize>,
+        /// Average-pools the (padded) images by this factor: 2 turns 32x32 into 16x16, the
+        /// size a two-core CPU can train and distil in an hour.
+        #[serde(default)]
+        downsample: Option<usize>,
     },
 }
 
@@ -50,7 +54,7 @@ fn ten() -> usize {
 
 pub enum DataSource {
     Toy { dist: ToyDistribution, conditional: bool },
-    Images { set: ImageDataset, conditional: bool, pad_to: Option<usize> },
+    Images { set: ImageDataset, conditional: bool, pad_to: Option<usize>, downsample: usize },
 }
 
 impl DataSource {
@@ -68,9 +72,9 @@ impl DataSource {
                 if *conditional && set.label_dim == 0 {
                     bail!("{}: has no labels in dataset.json; set conditional = false", path.display());
                 }
-                Self::Images { set, conditional: *conditional, pad_to: None }
+                Self::Images { set, conditional: *conditional, pad_to: None, downsample: 1 }
             }
-            DataConfig::Idx { images, labels, num_classes, conditional, pad_to } => {
+            DataConfig::Idx { images, labels, num_classes, conditional, pad_to, downsample } => {
                 if *conditional && labels.is_none() {
                     bail!("data: conditional = true needs `labels`");
                 }
@@ -80,7 +84,12 @@ impl DataSource {
                         bail!("data: pad_to = {p} is smaller than the images ({}x{})", set.shape[1], set.shape[2]);
                     }
                 }
-                Self::Images { set, conditional: *conditional, pad_to: *pad_to }
+                let f = downsample.unwrap_or(1);
+                let [h, w] = pad_to.map_or([set.shape[1], set.shape[2]], |p| [p, p]);
+                if f == 0 || h % f != 0 || w % f != 0 {
+                    bail!("data: downsample = {f} must be positive and divide the (padded) image size {h}x{w}");
+                }
+                Self::Images { set, conditional: *conditional, pad_to: *pad_to, downsample: f }
             }
         })
     }
@@ -89,9 +98,9 @@ impl DataSource {
     pub fn shape(&self) -> [usize; 3] {
         match self {
             Self::Toy { .. } => [2, 1, 1],
-            Self::Images { set, pad_to, .. } => match pad_to {
-                Some(p) => [set.shape[0], *p, *p],
-                None => set.shape,
+            Self::Images { set, pad_to, downsample, .. } => match pad_to {
+                Some(p) => [set.shape[0], p / downsample, p / downsample],
+                None => [set.shape[0], set.shape[1] / downsample, set.shape[2] / downsample],
             },
         }
     }
@@ -126,16 +135,17 @@ impl DataSource {
                 }
                 pts
             }
-            Self::Images { set, pad_to, .. } => {
+            Self::Images { set, pad_to, downsample, .. } => {
                 let mut out = Vec::with_capacity(n * c * h * w);
                 for _ in 0..n {
                     let i = rng.random_range(0..set.len());
                     let px = set.image(i)?;
                     let img = to_model_space(&px);
-                    match pad_to {
-                        Some(_) => out.extend(pad(&img, set.shape, h, w)),
-                        None => out.extend(img),
-                    }
+                    let (img, [ih, iw]) = match pad_to {
+                        Some(p) => (pad(&img, set.shape, *p, *p), [*p, *p]),
+                        None => (img, [set.shape[1], set.shape[2]]),
+                    };
+                    out.extend(box_downsample(&img, [c, ih, iw], *downsample));
                     if l > 0 {
                         one_hot(set.label(i).expect("labelled dataset"));
                     }
@@ -147,6 +157,25 @@ impl DataSource {
         let labels = (l > 0).then(|| HostTensor::new(vec![n, l], labels));
         Ok((images, labels))
     }
+}
+
+/// Averages f x f blocks of a CHW image.
+fn box_downsample(img: &[f32], [c, h, w]: [usize; 3], f: usize) -> Vec<f32> {
+    if f == 1 {
+        return img.to_vec();
+    }
+    let (oh, ow) = (h / f, w / f);
+    let mut out = vec![0.0f32; c * oh * ow];
+    for ch in 0..c {
+        for y in 0..h {
+            for x in 0..w {
+                out[ch * oh * ow + (y / f) * ow + x / f] += img[ch * h * w + y * w + x];
+            }
+        }
+    }
+    let inv = 1.0 / (f * f) as f32;
+    out.iter_mut().for_each(|v| *v *= inv);
+    out
 }
 
 /// Centres a CHW image in an h x w canvas of black (-1).

@@ -23,7 +23,7 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{GaussianMixture, ToyDistribution, ToyKind};
-use dmd_losses::dmd::{distribution_matching_loss, fake_score_loss, NoiseGrid};
+use dmd_losses::dmd::{fake_score_loss, weighted_distribution_matching_loss, DmWeighting, NoiseGrid};
 use dmd_losses::gan::{discriminator_gan_loss, generator_gan_loss, realism_logits};
 use dmd_losses::regression::{l2, lpips, pseudo_huber, Regression};
 use dmd_models::weights::{assign_ids, fork_named, load_named, named_tensors, write_atomic, HostTensor, NamedTensors};
@@ -91,6 +91,9 @@ impl GeneratorConfig {
 pub struct LossConfig {
     /// Weight of the distribution-matching loss (0 switches it off).
     pub dm_weight: f64,
+    /// Its weighting across noise levels: "dmd" (DMD's Eq. 8), or the paper's ablations
+    /// "sigma" (sigma/alpha) and "sigma_cubed" (sigma^3/alpha).
+    pub dm_weighting: DmWeighting,
     pub regression: Regression,
     /// DMD: 0.25 (0.5 for unconditional CIFAR-10).
     pub regression_weight: f64,
@@ -111,6 +114,7 @@ impl Default for LossConfig {
     fn default() -> Self {
         Self {
             dm_weight: 1.0,
+            dm_weighting: DmWeighting::Dmd,
             regression: Regression::None,
             regression_weight: 0.25,
             lpips_vgg: None,
@@ -207,6 +211,10 @@ pub struct DistillConfig {
     /// Real images: DMD2's GAN term, and multi-step training without backward simulation.
     #[serde(default)]
     pub data: Option<DataConfig>,
+    /// Start the generator, fake score (and GAN head) from another run's `checkpoint/` folder,
+    /// with fresh optimisers and step 0 (DMD2's second stage at a lower learning rate).
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     #[serde(default)]
     pub generator: GeneratorConfig,
     #[serde(default)]
@@ -226,7 +234,7 @@ impl DistillConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let t = &self.train;
         if t.batch_size == 0 || t.total_steps == 0 || t.fake_updates_per_generator_update == 0 || t.log_every == 0 || t.checkpoint_every == 0 {
             bail!("train: batch_size, total_steps, fake_updates_per_generator_update, log_every and checkpoint_every must be positive");
@@ -398,11 +406,26 @@ impl Distiller {
             let p = dir.join(format!("{name}_optim.bpk"));
             adamw().load(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))
         };
-        let (generator, fake, generator_ema, generator_optim, fake_optim) = match checkpoint {
+        // Networks from this run's checkpoint (resume) or another run's (init_from, weights only).
+        let weights_from = checkpoint.or(cfg.init_from.as_deref());
+        if let (None, Some(dir)) = (checkpoint, &cfg.init_from) {
+            if !dir.join("generator.safetensors").exists() {
+                bail!("init_from: {} holds no generator.safetensors (give a run's checkpoint/ folder)", dir.display());
+            }
+        }
+        let (generator, fake, generator_ema, generator_optim, fake_optim) = match weights_from {
             Some(dir) => {
                 let load = |name: &str, dev: &Device| EdmPrecond::load(&dir.join(format!("{name}.safetensors")), &dir.join(format!("{name}.json")), dev, name);
-                let ema = if tr.ema_decay.is_some() { Some(load("generator_ema", &device)?.valid()) } else { None };
-                (load("generator", &ad)?, load("fake", &ad)?, ema, load_optim(dir, "generator")?, load_optim(dir, "fake")?)
+                let ema = match (tr.ema_decay, dir.join("generator_ema.safetensors").exists()) {
+                    (Some(_), true) => Some(load("generator_ema", &device)?.valid()),
+                    (Some(_), false) => Some(fork_named(&load("generator", &device)?, "generator_ema")),
+                    (None, _) => None,
+                };
+                let (g_opt, f_opt) = match checkpoint {
+                    Some(dir) => (load_optim(dir, "generator")?, load_optim(dir, "fake")?),
+                    None => (adamw(), adamw()),
+                };
+                (load("generator", &ad)?, load("fake", &ad)?, ema, g_opt, f_opt)
             }
             None => {
                 // Each network is its own load of the teacher, with ids of its own namespace:
@@ -451,7 +474,7 @@ impl Distiller {
         let gan = match (cfg.loss.gan(), &data) {
             (true, Some(_)) => {
                 let (c, r) = fake.bottleneck_shape();
-                let head = match checkpoint {
+                let head = match weights_from.filter(|d| d.join("gan_head.safetensors").exists()) {
                     Some(dir) => {
                         let p = dir.join("gan_head.safetensors");
                         load_named(GanHead::placeholder(c, r, &ad), &NamedTensors::read(&p)?, &p.display().to_string(), "gan_head")?
@@ -581,10 +604,11 @@ impl Distiller {
                 let fake = self.fake.valid();
                 let plain_labels = labels.clone().map(|l| l.inner());
                 let real = &self.real;
-                let dm = distribution_matching_loss(
+                let dm = weighted_distribution_matching_loss(
                     x.clone(),
                     sigma,
                     noise,
+                    loss_cfg.dm_weighting,
                     |x_t, s| Tensor::from_inner(real.denoise(x_t.inner(), s.inner(), plain_labels.clone())),
                     |x_t, s| Tensor::from_inner(fake.forward(x_t.inner(), s.inner(), plain_labels.clone())),
                 );
@@ -755,6 +779,19 @@ fn resume_key(cfg: &DistillConfig) -> DistillConfig {
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
     c
+}
+
+/// Whether `out_dir` holds the finished run of this config (generator written, checkpoint at
+/// the last step, same weights-shaping settings).
+pub fn finished(cfg: &DistillConfig) -> Result<bool> {
+    let out = &cfg.out_dir;
+    let (Ok(saved), Ok(state)) = (std::fs::read_to_string(out.join("config.toml")), std::fs::read_to_string(out.join("checkpoint").join("state.json"))) else {
+        return Ok(false);
+    };
+    let same = toml::from_str::<DistillConfig>(&saved).is_ok_and(|old| resume_key(&old) == resume_key(cfg));
+    let state: serde_json::Value = serde_json::from_str(&state).with_context(|| out.join("checkpoint/state.json").display().to_string())?;
+    let step = state["step"].as_u64().unwrap_or(0) as usize;
+    Ok(same && step >= cfg.train.total_steps && out.join("generator.safetensors").exists())
 }
 
 pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {

@@ -218,7 +218,8 @@ pub struct FeatureArgs {
     pub device: Backend,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FidMode {
     Nvidia,
     PytorchFid,

@@ -7,6 +7,7 @@ pub mod data;
 pub mod device;
 pub mod distill;
 pub mod ema;
+pub mod experiment;
 pub mod fid;
 pub mod metrics;
 pub mod optim;

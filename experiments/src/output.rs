@@ -128,6 +128,11 @@ pub fn preview_png(samples: &HostTensor) -> Result<Vec<u8>> {
 
 /// Scatter plot of 2-D point sets over [-1.5, 1.5]^2, each set in its colour.
 pub fn scatter_png(sets: &[(&HostTensor, [u8; 3])], size: usize) -> Result<Vec<u8>> {
+    encode_png(&scatter_canvas(sets, size), 3, size, size)
+}
+
+/// [`scatter_png`]'s RGB canvas (CHW), before encoding.
+pub fn scatter_canvas(sets: &[(&HostTensor, [u8; 3])], size: usize) -> Vec<u8> {
     let mut chw = vec![255u8; 3 * size * size];
     let plane = size * size;
     let to_px = |v: f32| ((v as f64 + 1.5) / 3.0 * size as f64).floor() as i64;
@@ -154,5 +159,159 @@ pub fn scatter_png(sets: &[(&HostTensor, [u8; 3])], size: usize) -> Result<Vec<u
             }
         }
     }
-    encode_png(&chw, 3, size, size)
+    chw
+}
+
+/// What `loss_curves_png` draws, for READMEs.
+pub const LOSS_CURVES_HELP: &str = "\nLoss curves: one panel per logged loss (named top right), against the training step \
+(0 at the left, the last step printed bottom right). The numbers at the top and bottom left of a panel are its y range; \
+a panel whose values span more than a factor 30 is drawn on a log scale (marked `log`).\n";
+
+/// Loss curves from a `metrics.jsonl` log: one panel per key present, stacked, each with its
+/// y range (and the last step) printed in a small built-in digit font.
+pub fn loss_curves_png(metrics: &Path, keys: &[&str]) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(metrics).with_context(|| metrics.display().to_string())?;
+    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let (names, series): (Vec<&str>, Vec<Vec<(f64, f64)>>) = keys
+        .iter()
+        .map(|k| (*k, lines.iter().filter_map(|v| Some((v["step"].as_f64()?, v[*k].as_f64()?))).filter(|(_, y)| y.is_finite()).collect::<Vec<_>>()))
+        .filter(|(_, s)| !s.is_empty())
+        .unzip();
+    if series.is_empty() {
+        bail!("{}: no losses logged", metrics.display());
+    }
+    let (w, ph) = (640usize, 150usize);
+    let h = ph * series.len();
+    let mut img = vec![255u8; 3 * h * w];
+    let colours = [[31u8, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189], [255, 127, 14]];
+    let max_step = series.iter().flat_map(|s| s.iter().map(|p| p.0)).fold(1.0f64, f64::max);
+    let (left, right, top, bottom) = (70usize, 10usize, 12usize, 20usize);
+    let put = |img: &mut [u8], x: usize, y: usize, c: [u8; 3]| {
+        if x < w && y < h {
+            for ch in 0..3 {
+                img[ch * h * w + y * w + x] = c[ch];
+            }
+        }
+    };
+    for (k, s) in series.iter().enumerate() {
+        let y0 = k * ph;
+        let (lo, hi) = s.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let log = lo > 0.0 && hi / lo > 30.0;
+        let tf = |v: f64| if log { v.log10() } else { v };
+        let (tlo, thi) = (tf(lo), tf(hi).max(tf(lo) + 1e-12));
+        let (pw, pph) = (w - left - right, ph - top - bottom);
+        // Frame.
+        for x in left..w - right {
+            put(&mut img, x, y0 + top, [200, 200, 200]);
+            put(&mut img, x, y0 + top + pph, [120, 120, 120]);
+        }
+        for y in y0 + top..=y0 + top + pph {
+            put(&mut img, left, y, [120, 120, 120]);
+        }
+        let to_xy = |p: &(f64, f64)| {
+            let x = left as f64 + p.0 / max_step * pw as f64;
+            let y = (y0 + top) as f64 + (thi - tf(p.1)) / (thi - tlo) * pph as f64;
+            (x, y)
+        };
+        for pair in s.windows(2) {
+            let (a, b) = (to_xy(&pair[0]), to_xy(&pair[1]));
+            let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
+            for i in 0..=n {
+                let t = i as f64 / n as f64;
+                let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
+                put(&mut img, x.round() as usize, y.round() as usize, colours[k % colours.len()]);
+                put(&mut img, x.round() as usize, y.round() as usize + 1, colours[k % colours.len()]);
+            }
+        }
+        if s.len() == 1 {
+            let (x, y) = to_xy(&s[0]);
+            put(&mut img, x as usize, y as usize, colours[k % colours.len()]);
+        }
+        draw_text(&mut img, w, h, w - right - 8 * names[k].len() - 4, y0 + top + 4, names[k], colours[k % colours.len()]);
+        draw_text(&mut img, w, h, 2, y0 + top, &fmt_num(hi), [0, 0, 0]);
+        draw_text(&mut img, w, h, 2, y0 + top + pph - 10, &fmt_num(lo), [0, 0, 0]);
+        if log {
+            draw_text(&mut img, w, h, 2, y0 + top + pph / 2 - 5, "log", [90, 90, 90]);
+        }
+        let last = format!("{}", max_step as u64);
+        draw_text(&mut img, w, h, w - right - 8 * last.len(), y0 + top + pph + 4, &last, [0, 0, 0]);
+        draw_text(&mut img, w, h, left, y0 + top + pph + 4, "0", [0, 0, 0]);
+    }
+    encode_png(&img, 3, h, w)
+}
+
+fn fmt_num(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e4 || v.abs() < 1e-2) {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Digits, lower-case letters, '.', '-', '+', '_' in a 3x5 font, drawn at twice the size.
+fn draw_text(img: &mut [u8], w: usize, h: usize, x0: usize, y0: usize, text: &str, colour: [u8; 3]) {
+    let glyph = |c: char| -> [u8; 5] {
+        match c {
+            '0' => [7, 5, 5, 5, 7],
+            '1' => [2, 6, 2, 2, 7],
+            '2' => [7, 1, 7, 4, 7],
+            '3' => [7, 1, 7, 1, 7],
+            '4' => [5, 5, 7, 1, 1],
+            '5' => [7, 4, 7, 1, 7],
+            '6' => [7, 4, 7, 5, 7],
+            '7' => [7, 1, 1, 1, 1],
+            '8' => [7, 5, 7, 5, 7],
+            '9' => [7, 5, 7, 1, 7],
+            '.' => [0, 0, 0, 0, 2],
+            '-' => [0, 0, 7, 0, 0],
+            '+' => [0, 2, 7, 2, 0],
+            '_' => [0, 0, 0, 0, 7],
+            'a' => [0, 3, 5, 5, 3],
+            'b' => [4, 6, 5, 5, 6],
+            'c' => [0, 3, 4, 4, 3],
+            'd' => [1, 3, 5, 5, 3],
+            'e' => [0, 7, 7, 4, 3],
+            'f' => [3, 4, 6, 4, 4],
+            'g' => [3, 5, 3, 1, 6],
+            'h' => [4, 6, 5, 5, 5],
+            'i' => [2, 0, 2, 2, 2],
+            'j' => [1, 0, 1, 5, 2],
+            'k' => [4, 5, 6, 5, 5],
+            'l' => [6, 2, 2, 2, 7],
+            'm' => [0, 7, 7, 5, 5],
+            'n' => [0, 6, 5, 5, 5],
+            'o' => [0, 2, 5, 5, 2],
+            'p' => [0, 6, 5, 6, 4],
+            'q' => [0, 3, 5, 3, 1],
+            'r' => [0, 3, 4, 4, 4],
+            's' => [0, 3, 6, 1, 6],
+            't' => [2, 7, 2, 2, 1],
+            'u' => [0, 5, 5, 5, 3],
+            'v' => [0, 5, 5, 5, 2],
+            'w' => [0, 5, 5, 7, 7],
+            'x' => [0, 5, 2, 2, 5],
+            'y' => [5, 5, 3, 1, 6],
+            'z' => [0, 7, 2, 4, 7],
+            _ => [0; 5],
+        }
+    };
+    for (i, c) in text.chars().enumerate() {
+        let g = glyph(c);
+        for (row, bits) in g.iter().enumerate() {
+            for col in 0..3 {
+                if bits & (4 >> col) != 0 {
+                    for dy in 0..2 {
+                        for dx in 0..2 {
+                            let (x, y) = (x0 + i * 8 + col * 2 + dx, y0 + row * 2 + dy);
+                            if x < w && y < h {
+                                for ch in 0..3 {
+                                    img[ch * h * w + y * w + x] = colour[ch];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

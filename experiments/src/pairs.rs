@@ -53,6 +53,14 @@ fn shard_path(dir: &Path, k: usize) -> PathBuf {
     dir.join(format!("pairs-{k:06}.safetensors"))
 }
 
+/// Whether `args.out` holds every shard of pairs made with these settings.
+pub fn finished(args: &MakePairsArgs) -> bool {
+    let Ok(text) = std::fs::read_to_string(args.out.join("pairs.json")) else { return false };
+    let Ok(old) = serde_json::from_str::<PairsManifest>(&text) else { return false };
+    let same = old.teacher == args.teacher && old.num == args.num && old.steps == args.steps && old.seed == args.seed && old.shard_size == args.shard_size;
+    same && (0..args.num.div_ceil(args.shard_size.max(1))).all(|k| shard_path(&args.out, k).exists())
+}
+
 pub fn run(args: &MakePairsArgs) -> Result<()> {
     if args.num == 0 || args.shard_size == 0 || args.batch == 0 {
         bail!("--num, --shard-size and --batch must be positive");

@@ -200,6 +200,18 @@ fn resume_key(cfg: &TeacherConfig) -> TeacherConfig {
     c
 }
 
+/// Whether the run folder holds the finished run of this config: the weights written and the
+/// checkpoint at the last step of a config that trains the same weights.
+pub fn finished(cfg: &TeacherConfig) -> Result<bool> {
+    let run = RunDir(cfg.out_dir.clone());
+    let (Ok(saved), Ok(state)) = (std::fs::read_to_string(run.config()), std::fs::read_to_string(run.checkpoint().join("state.json"))) else {
+        return Ok(false);
+    };
+    let same = toml::from_str::<TeacherConfig>(&saved).is_ok_and(|old| resume_key(&old) == resume_key(cfg));
+    let state: TrainState = serde_json::from_str(&state).with_context(|| run.checkpoint().join("state.json").display().to_string())?;
+    Ok(same && state.step >= cfg.train.total_steps && run.teacher().exists())
+}
+
 pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
     let run = RunDir(cfg.out_dir.clone());
     std::fs::create_dir_all(&run.0).with_context(|| run.0.display().to_string())?;

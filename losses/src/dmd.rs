@@ -71,6 +71,23 @@ pub struct DmLoss {
     pub weight: Tensor<1>,
 }
 
+/// How the distribution-matching gradient is weighted across noise levels. With
+/// s = (D(x_t) - x_t) / sigma^2 the scores, the KL gradient is w(sigma) (s_fake - s_real); in
+/// EDM's parameterisation (alpha = 1):
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DmWeighting {
+    /// DMD's Eq. 8: w = sigma^2 C S / ||x - D_real(x_t)||_1, i.e. (D_fake - D_real) divided by
+    /// the per-sample mean |x - D_real|: the same step size at every noise level.
+    #[default]
+    Dmd,
+    /// w = sigma / alpha (the DMD paper's weighting ablation): (D_fake - D_real) / sigma.
+    Sigma,
+    /// w = sigma^3 / alpha (the DMD paper's weighting ablation, DreamFusion-like):
+    /// sigma (D_fake - D_real).
+    SigmaCubed,
+}
+
 /// The distribution-matching loss of the generator output `x` [N, C, H, W] (carrying the
 /// generator's graph). `real` and `fake` denoise (x_t, sigma) without gradients: they receive
 /// tensors off the autodiff graph and their outputs are treated as constants. `sigma` [N] and
@@ -82,15 +99,32 @@ pub fn distribution_matching_loss(
     real: impl Fn(Tensor<4>, Tensor<1>) -> Tensor<4>,
     fake: impl Fn(Tensor<4>, Tensor<1>) -> Tensor<4>,
 ) -> DmLoss {
+    weighted_distribution_matching_loss(x, sigma, noise, DmWeighting::Dmd, real, fake)
+}
+
+/// [`distribution_matching_loss`] with a choice of weighting across noise levels.
+pub fn weighted_distribution_matching_loss(
+    x: Tensor<4>,
+    sigma: Tensor<1>,
+    noise: Tensor<4>,
+    weighting: DmWeighting,
+    real: impl Fn(Tensor<4>, Tensor<1>) -> Tensor<4>,
+    fake: impl Fn(Tensor<4>, Tensor<1>) -> Tensor<4>,
+) -> DmLoss {
     let n = x.dims()[0];
+    let sigma4 = sigma.clone().reshape([n, 1, 1, 1]);
     let x0 = x.clone().detach();
-    let x_t = x0.clone() + noise.detach() * sigma.clone().reshape([n, 1, 1, 1]);
+    let x_t = x0.clone() + noise.detach() * sigma4.clone();
     let pred_real = real(x_t.clone(), sigma.clone()).detach();
     let pred_fake = fake(x_t, sigma).detach();
     let p_real = x0.clone() - pred_real.clone();
     let p_fake = x0.clone() - pred_fake.clone();
     let weight = p_real.clone().abs().reshape([n as i64, -1]).mean_dim(1).reshape([n]);
-    let grad = nan_to_num((p_real - p_fake) / weight.clone().reshape([n, 1, 1, 1]));
+    let grad = match weighting {
+        DmWeighting::Dmd => nan_to_num((p_real - p_fake) / weight.clone().reshape([n, 1, 1, 1])),
+        DmWeighting::Sigma => nan_to_num((p_real - p_fake) / sigma4),
+        DmWeighting::SigmaCubed => nan_to_num((p_real - p_fake) * sigma4),
+    };
     let target = x0 - grad.clone();
     let loss = (x - target).square().mean().mul_scalar(0.5);
     DmLoss { loss, grad, pred_real, pred_fake, weight }
@@ -120,4 +154,37 @@ pub fn fake_score_loss(
 fn nan_to_num(t: Tensor<4>) -> Tensor<4> {
     let nan = t.clone().is_nan();
     t.mask_fill(nan, 0.0).clamp(f32::MIN, f32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    /// The ablation weightings are w(sigma) (s_fake - s_real) with the scores
+    /// s = (D(x_t) - x_t) / sigma^2, written out here from the scores rather than from D.
+    #[test]
+    fn weightings_scale_the_score_difference() {
+        let device = Device::flex();
+        let (n, d) = (3, 4);
+        let x: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let noise: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.91).cos()).collect();
+        let sigmas = [0.05f32, 1.0, 20.0];
+        let t4 = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [n, d, 1, 1]), &device);
+        let real = |x_t: Tensor<4>, _s: Tensor<1>| x_t.mul_scalar(0.5);
+        let fake = |x_t: Tensor<4>, _s: Tensor<1>| x_t.mul_scalar(0.25).add_scalar(0.1);
+        for (weighting, power) in [(DmWeighting::Sigma, 1), (DmWeighting::SigmaCubed, 3)] {
+            let sigma = Tensor::<1>::from_data(TensorData::new(sigmas.to_vec(), [n]), &device);
+            let dm = weighted_distribution_matching_loss(t4(x.clone()), sigma, t4(noise.clone()), weighting, real, fake);
+            let grad = dm.grad.into_data().to_vec::<f32>().unwrap();
+            for i in 0..n * d {
+                let s = sigmas[i / d] as f64;
+                let x_t = x[i] as f64 + s * noise[i] as f64;
+                let score_real = (0.5 * x_t - x_t) / (s * s);
+                let score_fake = (0.25 * x_t + 0.1 - x_t) / (s * s);
+                let want = s.powi(power) * (score_fake - score_real);
+                assert!((grad[i] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0), "{weighting:?} element {i}: {} vs {want}", grad[i]);
+            }
+        }
+    }
 }
