@@ -252,3 +252,21 @@ fn bad_experiment_configs_give_one_line_errors() {
     assert!(run(&["distill.out_dir=\"x\""]).contains("distill.out_dir"));
     assert!(run(&["teacher.weights=\"t.safetensors\""]).contains("not both"));
 }
+
+#[test]
+fn ablation_sets_name_existing_experiments() {
+    let dir = configs_dir().join("ablations");
+    let mut sets = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let set: toml::Table = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let list = set["experiments"].as_array().unwrap_or_else(|| panic!("{}: no experiments", p.display()));
+        assert!(!list.is_empty(), "{}", p.display());
+        for x in list {
+            let config = dir.join(x.as_str().unwrap());
+            dmd_experiments::experiment::ExperimentConfig::load(&config, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", config.display()));
+        }
+        sets += 1;
+    }
+    assert!(sets >= 6, "found {sets} ablation sets");
+}

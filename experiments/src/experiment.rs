@@ -325,7 +325,15 @@ impl ExperimentConfig {
 pub struct RunExperimentArgs {
     /// Experiment config (TOML; see experiments/configs/README.md).
     pub config: PathBuf,
-    /// Change a config value: `--set distill.train.total_steps=100` (TOML syntax; repeatable).
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// What `dmd run` and `dmd ablate` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Change a config value: `--set distill.train.total_steps=100` (TOML syntax; repeatable;
+    /// `dmd ablate` applies it to every experiment).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Override the config's device.
@@ -355,13 +363,8 @@ pub struct AblateArgs {
     /// Name of the comparison (results/<name>/); default: the set's `name`.
     #[arg(long)]
     pub name: Option<String>,
-    /// Applied to every experiment (see `dmd run --set`).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    #[arg(long, value_enum)]
-    pub device: Option<Backend>,
-    #[arg(long, value_enum, default_value = "eval")]
-    pub until: Stage,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// One model's row of the results table.
@@ -621,12 +624,7 @@ impl<'a> Evaluator<'a> {
             let x = source.samples(&seeds, None);
             gen_seconds += t.elapsed().as_secs_f64();
             match &self.fid {
-                Some((net, mode, _)) => {
-                    let shape = [m, x.shape[1], x.shape[2], x.shape[3]];
-                    let px: Vec<f32> = to_pixels(&x.data).into_iter().map(f32::from).collect();
-                    let f = net.features_of_pixels(Tensor::<4>::from_data(TensorData::new(px, shape), &self.device), *mode);
-                    acc.add(&HostTensor::from_tensor(f).data);
-                }
+                Some((net, mode, _)) => acc.add(&inception_features(net, *mode, &x, &self.device)),
                 None => points.extend(x.data),
             }
             bar.inc(m as u64);
@@ -673,8 +671,17 @@ fn reference_of(cfg: &ExperimentConfig, f: &FidEval, net: &FidInception, device:
     Ok(stats)
 }
 
-/// Inception statistics of `n` images drawn from `data` (seeded, without replacement when
-/// the data set is large enough to make repeats unlikely to matter).
+/// Pool features [N * 2048] of images in the networks' [-1, 1] space, quantised to 8-bit
+/// pixels first as saved PNGs would be (EDM's generate.py + fid.py).
+fn inception_features(net: &FidInception, mode: FidPreprocess, x: &HostTensor, device: &burn::tensor::Device) -> Vec<f32> {
+    let shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let px: Vec<f32> = to_pixels(&x.data).into_iter().map(f32::from).collect();
+    let f = net.features_of_pixels(Tensor::<4>::from_data(TensorData::new(px, shape), device), mode);
+    HostTensor::from_tensor(f).data
+}
+
+/// Inception statistics of `n` images drawn at random (with replacement, fixed seed) from
+/// `data`, as the teacher sees them in training.
 fn reference_stats(net: &FidInception, mode: FidPreprocess, data: &DataConfig, n: usize, batch: usize, device: &burn::tensor::Device) -> Result<FidStats> {
     let source = DataSource::open(data)?;
     let mut rng = StdRng::seed_from_u64(0x5eed_f1d0);
@@ -683,10 +690,7 @@ fn reference_stats(net: &FidInception, mode: FidPreprocess, data: &DataConfig, n
     for start in (0..n).step_by(batch) {
         let m = (start + batch).min(n) - start;
         let (x, _) = source.batch(m, &mut rng)?;
-        let shape = [m, x.shape[1], x.shape[2], x.shape[3]];
-        let px: Vec<f32> = to_pixels(&x.data).into_iter().map(f32::from).collect();
-        let f = net.features_of_pixels(Tensor::<4>::from_data(TensorData::new(px, shape), device), mode);
-        acc.add(&HostTensor::from_tensor(f).data);
+        acc.add(&inception_features(net, mode, &x, device));
         bar.inc(m as u64);
     }
     bar.finish_and_clear();
@@ -853,16 +857,16 @@ pub fn ablate(args: &AblateArgs) -> Result<()> {
     let results = PathBuf::from("results").join(&name);
     let mut all = Vec::new();
     for path in &configs {
-        let mut set = args.set.clone();
+        let mut set = args.common.set.clone();
         let exp_name = load_table(path, &[])?.get("name").and_then(|v| v.as_str()).unwrap_or_default().to_string();
         set.insert(0, format!("results_dir=\"{}\"", results.join(&exp_name).display()));
         let table = load_table(path, &set)?;
         let mut cfg = ExperimentConfig::from_table(table.clone(), &path.display().to_string())?;
-        if let Some(d) = args.device {
+        if let Some(d) = args.common.device {
             cfg.device = d;
         }
         let command = format!("run {}{}", path.display(), set.iter().skip(1).map(|s| format!(" --set '{s}'")).collect::<String>());
-        if let Some(m) = run(&cfg, &table, &command, args.until)? {
+        if let Some(m) = run(&cfg, &table, &command, args.common.until)? {
             all.push(m);
         }
     }
@@ -872,7 +876,7 @@ pub fn ablate(args: &AblateArgs) -> Result<()> {
     let command = match &set_dir {
         Some(p) => format!("ablate {}", p.display()),
         None => format!("ablate --name {name} {}", configs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")),
-    } + &args.set.iter().map(|s| format!(" --set '{s}'")).collect::<String>();
+    } + &args.common.set.iter().map(|s| format!(" --set '{s}'")).collect::<String>();
     let mut s = format!("# {name}{}\n\n", if title.is_empty() { String::new() } else { format!(": {title}") });
     s += &format!("Rerun (from the repository root; finished stages are skipped):\n\n```sh\ncargo run --release -- {command}\n```\n\n");
     s += &table_markdown(&all, true);
@@ -889,11 +893,11 @@ pub fn ablate(args: &AblateArgs) -> Result<()> {
 }
 
 pub fn run_cmd(args: &RunExperimentArgs) -> Result<()> {
-    let table = load_table(&args.config, &args.set)?;
+    let table = load_table(&args.config, &args.common.set)?;
     let mut cfg = ExperimentConfig::from_table(table.clone(), &args.config.display().to_string())?;
-    if let Some(d) = args.device {
+    if let Some(d) = args.common.device {
         cfg.device = d;
     }
-    let command = format!("run {}{}", args.config.display(), args.set.iter().map(|s| format!(" --set '{s}'")).collect::<String>());
-    run(&cfg, &table, &command, args.until).map(|_| ())
+    let command = format!("run {}{}", args.config.display(), args.common.set.iter().map(|s| format!(" --set '{s}'")).collect::<String>());
+    run(&cfg, &table, &command, args.common.until).map(|_| ())
 }
