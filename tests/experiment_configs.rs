@@ -212,15 +212,40 @@ fn toy_experiment_writes_results_and_skips_finished_stages() {
     let again = dmd(&args, &tmp);
     let out = text(&again);
     assert!(again.status.success(), "{out}");
-    assert!(out.contains("done earlier"), "{out}");
+    assert!(out.contains("teacher: ") && out.contains("(done earlier)"), "{out}");
+    assert!(out.contains("eval: done earlier"), "{out}");
     assert!(!out.contains("distilling"), "the finished distillation ran again: {out}");
     let m2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(results.join("metrics.json")).unwrap()).unwrap();
-    assert_eq!(m["generator"]["toy"], m2["generator"]["toy"]);
+    assert_eq!(m["finished_at_unix"], m2["finished_at_unix"], "the evaluation ran again");
+    assert_eq!(m["stages"]["distill"]["seconds"], m2["stages"]["distill"]["seconds"], "the stage time of the run that made it");
 
-    // `dmd ablate` over two configs: one table with both generators and one teacher row.
+    // A setting that changes the trained weights is refused, naming the run folder; so is a
+    // shorter run than the finished one.
+    for extra in ["distill.loss.regression_weight=3.0", "distill.train.total_steps=4"] {
+        let mut a = args.clone();
+        a.extend(["--set".into(), extra.into()]);
+        let o = dmd(&a, &tmp);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "{extra} reused the finished run: {}", text(&o));
+        assert!(err.contains("runs/toy/distill"), "{extra}: {err}");
+    }
+
+    // A retrained teacher (its file changed) is not silently paired with the old pairs.
+    let teacher = tmp.join("teacher/teacher.safetensors");
+    let mut bytes = std::fs::read(&teacher).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&teacher, bytes).unwrap();
+    let o = dmd(&args, &tmp);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("different teacher"), "{}", text(&o));
+
+    // `dmd ablate` over a set file: one table with both generators and one teacher row.
+    let set_file = tmp.join("pair.toml");
     let no_dm = configs_dir().join("toy/eight_gaussians_no_dm.toml");
-    let mut args = vec!["ablate".to_string(), config.display().to_string(), no_dm.display().to_string(), "--name".into(), "pair".into()];
-    for s in set.iter().filter(|s| !s.starts_with("work_dir") && !s.starts_with("results_dir")) {
+    std::fs::write(&set_file, format!("name = \"pair\"\ntitle = \"two\"\nexperiments = [\"{}\", \"{}\"]\n", config.display(), no_dm.display())).unwrap();
+    let mut args = vec!["ablate".to_string(), set_file.display().to_string()];
+    args.extend(["--set".into(), format!("teacher.train.out_dir=\"{}\"", tmp.join("teacher2").display())]);
+    for s in set.iter().filter(|s| !s.starts_with("work_dir") && !s.starts_with("results_dir") && !s.starts_with("teacher.train.out_dir")) {
         args.extend(["--set".into(), s.clone()]);
     }
     let o = dmd(&args, &tmp);
@@ -228,6 +253,66 @@ fn toy_experiment_writes_results_and_skips_finished_stages() {
     let readme = std::fs::read_to_string(tmp.join("results/pair/README.md")).unwrap();
     assert_eq!(readme.matches("| teacher (Heun) |").count(), 1, "{readme}");
     assert!(readme.contains("DMD: DM + L2 regression") && readme.contains("regression only (no DM)"), "{readme}");
+    assert!(readme.contains("ablate ") && readme.contains("pair.toml"), "{readme}");
+    let one = std::fs::read_to_string(tmp.join("results/pair/toy-8gaussians-no-dm/README.md")).unwrap();
+    assert!(one.contains("results_dir=") && one.contains("eight_gaussians_no_dm.toml"), "the rerun command must write to the same folder: {one}");
+}
+
+/// The paper-scale configs carry the papers' hyperparameters (as the issue lists them), and
+/// each ablation differs from its base only where it says.
+#[test]
+fn paper_configs_hold_the_papers_settings() {
+    use dmd_experiments::experiment::ExperimentConfig;
+    let load = |f: &str| ExperimentConfig::load(&configs_dir().join(f), &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+    let d = |f: &str| load(f).distill_config().unwrap();
+
+    let dmd = load("imagenet64/dmd.toml");
+    let p = dmd.pairs.as_ref().unwrap();
+    assert_eq!((p.num, p.steps), (25_000, 256));
+    let c = d("imagenet64/dmd.toml");
+    assert_eq!((c.train.batch_size, c.train.total_steps, c.train.generator_lr, c.train.fake_lr, c.train.grad_clip), (336, 350_000, 2e-6, 2e-6, 10.0));
+    assert_eq!((c.loss.regression_weight, c.loss.dm_weight, c.train.weight_decay), (0.25, 1.0, 0.01));
+    assert_eq!(format!("{:?}", c.loss.regression), "Lpips");
+
+    let c2 = d("imagenet64/dmd2.toml");
+    assert_eq!((c2.train.batch_size, c2.train.fake_updates_per_generator_update, c2.train.generator_lr), (280, 5, 2e-6));
+    assert_eq!((c2.loss.gan_generator_weight, c2.loss.gan_discriminator_weight, format!("{:?}", c2.loss.regression)), (3e-3, 1e-2, "None".to_string()));
+    assert!(load("imagenet64/dmd2.toml").pairs.is_none());
+    let s2 = d("imagenet64/dmd2_stage2.toml");
+    assert_eq!((s2.train.generator_lr, s2.train.fake_lr), (5e-7, 5e-7));
+    assert!(s2.init_from.is_some());
+
+    for (f, pairs, weight) in [("cifar10/dmd_cond.toml", 100_000, 0.25), ("cifar10/dmd_uncond.toml", 500_000, 0.5)] {
+        let e = load(f);
+        let p = e.pairs.as_ref().unwrap();
+        assert_eq!((p.num, p.steps), (pairs, 18), "{f}");
+        let c = e.distill_config().unwrap();
+        assert_eq!((c.train.generator_lr, c.train.batch_size, c.loss.regression_weight), (5e-5, 392, weight), "{f}");
+    }
+
+    // Ablations: undo the one change, and the distillation config equals the base's.
+    let same_as = |ablation: &str, base: &str, undo: &dyn Fn(&mut dmd_experiments::distill::DistillConfig)| {
+        let mut a = d(ablation);
+        undo(&mut a);
+        let mut b = d(base);
+        a.out_dir = Default::default();
+        b.out_dir = Default::default();
+        assert_eq!(a, b, "{ablation} differs from {base} beyond its ablation");
+    };
+    same_as("imagenet64/dmd_no_dm.toml", "imagenet64/dmd.toml", &|c| c.loss.dm_weight = 1.0);
+    same_as("imagenet64/dmd_no_regression.toml", "imagenet64/dmd.toml", &|c| c.loss.regression_weight = 0.25);
+    same_as("imagenet64/dmd_weight_sigma.toml", "imagenet64/dmd.toml", &|c| c.loss.dm_weighting = Default::default());
+    same_as("imagenet64/dmd_weight_sigma_cubed.toml", "imagenet64/dmd.toml", &|c| c.loss.dm_weighting = Default::default());
+    same_as("imagenet64/dmd2_no_gan.toml", "imagenet64/dmd2.toml", &|c| {
+        c.loss.gan_generator_weight = 3e-3;
+        c.loss.gan_discriminator_weight = 1e-2;
+    });
+    same_as("imagenet64/dmd2_no_ttur.toml", "imagenet64/dmd2.toml", &|c| c.train.fake_updates_per_generator_update = 5);
+    same_as("imagenet64/dmd2_no_dm.toml", "imagenet64/dmd2.toml", &|c| c.loss.dm_weight = 1.0);
+    same_as("fashion_mnist/no_dm.toml", "fashion_mnist/dmd.toml", &|c| c.loss.dm_weight = 1.0);
+    same_as("fashion_mnist/no_regression.toml", "fashion_mnist/dmd.toml", &|c| c.loss.regression_weight = 0.25);
+    same_as("toy/eight_gaussians_no_dm.toml", "toy/eight_gaussians_dmd.toml", &|c| c.loss.dm_weight = 1.0);
+    same_as("toy/eight_gaussians_no_regression.toml", "toy/eight_gaussians_dmd.toml", &|c| c.loss.regression_weight = 2.0);
 }
 
 #[test]

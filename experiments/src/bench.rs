@@ -19,15 +19,19 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Network config (EDM kwargs as JSON); default: the built-in `adm_tiny` config.
-    #[arg(long)]
+    /// Network config (EDM kwargs as JSON, as in ../shared/reference/edm/); random weights.
+    /// Default: the built-in `adm_tiny` config.
+    #[arg(long, alias = "net-config")]
     pub config: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Backends to measure, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu,ndarray")]
+    /// Backends to measure, comma-separated (`--device` is the same option).
+    #[arg(long, alias = "device", value_enum, value_delimiter = ',', default_value = "cpu,ndarray")]
     pub backends: Vec<Backend>,
-    /// Timed repetitions (after one warm-up).
+    /// Untimed warm-up repetitions before each measurement.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
     /// Training-step repetitions (ndarray's conv backward is slow: keep this small).
@@ -43,6 +47,14 @@ pub struct BenchArgs {
     /// Images per Inception call for `--fid`.
     #[arg(long, default_value_t = 8)]
     pub fid_batch: usize,
+    /// Time generating one batch at these NFE (1: the one-step generator, one network call;
+    /// 2k-1: EDM's Heun sampler with k steps), e.g. `--sampling 1,35,511`; empty: skip.
+    #[arg(long, value_delimiter = ',', default_value = "1,35")]
+    pub sampling: Vec<usize>,
+    /// Also write the numbers as JSON (the first backend's at the top level:
+    /// `denoise_fwd_ms`, `teacher_step_ms`, `dmd_step_ms`; every backend under `backends`).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// The `adm_tiny` architecture of the reference cases: DhariwalUNet, 16x16, 32 channels.
@@ -85,15 +97,39 @@ fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Resu
     ))?;
     let mut d = Distiller::new(&cfg, None)?;
     let mut times = Vec::new();
-    for step in 0..=args.train_iters.max(1) {
+    for step in 0..args.warmup + args.train_iters.max(1) {
         let t = Instant::now();
         d.step(step)?;
-        if step > 0 {
+        d.ad.sync().ok();
+        if step >= args.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(median(times))
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Median wall time of `f` after `warmup` untimed calls.
+fn timed_median(warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    median(
+        (0..iters.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -102,46 +138,109 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         None => EdmConfig::from_json_str(ADM_TINY).context("built-in adm_tiny config")?,
     };
     let name = args.config.as_ref().map_or("adm_tiny".to_string(), |p| p.display().to_string());
-    println!("# dmd bench: {name}, {:?}, batch {}, {} threads available", cfg.model_type, args.batch, std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!("{:<8} {:>20} {:>22} {:>24}", "backend", "forward (images/s)", "teacher step (ms)", "DMD iteration (ms)");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# dmd bench: {name}, {:?}, batch {}, {threads} threads available; medians of {} after {} warm-up", cfg.model_type, args.batch, args.iters, args.warmup);
+    println!("{:<8} {:>14} {:>20} {:>18} {:>20}", "backend", "forward (ms)", "forward (images/s)", "teacher step (ms)", "DMD iteration (ms)");
+    let mut per_backend = serde_json::Map::new();
     for backend in &args.backends {
         let device = backend.device()?;
         let net = EdmPrecond::new(&cfg, &device, 0);
         let (x, sigma, labels, noise) = inputs(&cfg, args.batch, &device);
-        let fwd = || {
-            let t = Instant::now();
-            let out = net.forward(x.clone(), sigma.clone(), labels.clone());
-            let _ = out.into_data();
-            t.elapsed().as_secs_f64()
-        };
-        fwd();
-        let fwd_s = median((0..args.iters.max(1)).map(|_| fwd()).collect());
+        let fwd_s = timed_median(args.warmup, args.iters, || {
+            let _ = net.forward(x.clone(), sigma.clone(), labels.clone()).into_data();
+        });
 
-        let train_ms = if args.no_train {
-            "-".to_string()
+        let train_s = if args.no_train {
+            None
         } else {
             let ad = device.clone().autodiff();
-            let mut net = assign_ids(EdmPrecond::new(&cfg, &ad, 0), "net");
+            let mut net = Some(assign_ids(EdmPrecond::new(&cfg, &ad, 0), "net"));
             let mut optim = AdamConfig::new().init();
             let (x, sigma, labels, noise) = (x.clone().to_device(&ad), sigma.clone().to_device(&ad), labels.clone().map(|l| l.to_device(&ad)), noise.clone().to_device(&ad));
-            let mut times = Vec::new();
-            for i in 0..=args.train_iters.max(1) {
-                let t = Instant::now();
-                let loss = edm_loss(&net, x.clone(), labels.clone(), sigma.clone(), noise.clone()).mean();
-                let grads = GradientsParams::from_grads(loss.backward(), &net);
-                net = optim.step(1e-4, net, grads);
+            Some(timed_median(args.warmup, args.train_iters, || {
+                let n = net.take().expect("network");
+                let loss = edm_loss(&n, x.clone(), labels.clone(), sigma.clone(), noise.clone()).mean();
+                let grads = GradientsParams::from_grads(loss.backward(), &n);
+                net = Some(optim.step(1e-4, n, grads));
                 ad.sync().ok();
-                if i > 0 {
-                    times.push(t.elapsed().as_secs_f64());
-                }
-            }
-            format!("{:.1}", median(times) * 1000.0)
+            }))
         };
-        let dmd_ms = if args.no_train { "-".to_string() } else { format!("{:.1}", dmd_iteration_s(&net, *backend, args)? * 1000.0) };
-        println!("{:<8} {:>20.1} {:>22} {:>24}", backend.to_string(), args.batch as f64 / fwd_s, train_ms, dmd_ms);
+        let dmd_s = if args.no_train { None } else { Some(dmd_iteration_s(&net, *backend, args)?) };
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.1}", s * 1000.0));
+        println!("{:<8} {:>14.1} {:>20.1} {:>18} {:>20}", backend.to_string(), fwd_s * 1000.0, args.batch as f64 / fwd_s, ms(train_s), ms(dmd_s));
+
+        // Generation: the one-step generator is one network call at sigma_max; the teacher
+        // runs EDM's Heun sampler (NFE = 2 steps - 1).
+        let mut sampling = serde_json::Map::new();
+        let z = noise.clone();
+        for &nfe in &args.sampling {
+            let s = if nfe == 1 {
+                timed_median(args.warmup.min(1), args.iters.min(3), || {
+                    let _ = crate::distill::generate(&net, z.clone(), labels.clone(), 80.0).into_data();
+                })
+            } else {
+                if nfe % 2 == 0 {
+                    anyhow::bail!("--sampling {nfe}: Heun's NFE is odd (2 steps - 1)");
+                }
+                let cfg = dmd_models::SamplerConfig { num_steps: nfe.div_ceil(2), ..Default::default() };
+                let lat = dmd_models::HostTensor::from_tensor(z.clone());
+                let lab = labels.clone().map(dmd_models::HostTensor::from_tensor);
+                let seeds: Vec<u64> = (0..args.batch as u64).collect();
+                timed_median(0, 1, || {
+                    let _ = crate::sample::sample_batched(&net, &device, &lat, lab.as_ref(), &cfg, &seeds, args.batch, false);
+                })
+            };
+            sampling.insert(nfe.to_string(), serde_json::json!(s * 1000.0));
+        }
+        if !args.sampling.is_empty() {
+            let one = sampling.get("1").and_then(|v| v.as_f64());
+            let line: Vec<String> = sampling
+                .iter()
+                .map(|(k, v)| {
+                    let ms = v.as_f64().unwrap_or(0.0);
+                    match (one, k.as_str()) {
+                        (Some(o), k) if k != "1" => format!("{k} NFE {ms:.1} ms ({:.1}x the one-step time)", ms / o),
+                        _ => format!("{k} NFE {ms:.1} ms"),
+                    }
+                })
+                .collect();
+            println!("{:<8} generation of a batch: {}", backend.to_string(), line.join(", "));
+        }
+        per_backend.insert(
+            backend.to_string(),
+            serde_json::json!({
+                "denoise_fwd_ms": fwd_s * 1000.0,
+                "denoise_images_per_s": args.batch as f64 / fwd_s,
+                "teacher_step_ms": train_s.map(|s| s * 1000.0),
+                "dmd_step_ms": dmd_s.map(|s| s * 1000.0),
+                "generation_ms_per_batch_by_nfe": sampling,
+            }),
+        );
+    }
+    let peak = peak_rss_mib();
+    if let Some(p) = peak {
+        println!("peak resident memory of this process: {p:.0} MiB");
     }
     if args.fid {
         fid_bench(args)?;
+    }
+    if let Some(path) = &args.json {
+        let mut top = per_backend.values().next().cloned().unwrap_or_default();
+        if let Some(obj) = top.as_object_mut() {
+            obj.insert("backend".into(), serde_json::json!(args.backends.first().map(|b| b.to_string())));
+            obj.insert("net_config".into(), serde_json::json!(name));
+            obj.insert("batch".into(), serde_json::json!(args.batch));
+            obj.insert("warmup".into(), serde_json::json!(args.warmup));
+            obj.insert("iters".into(), serde_json::json!(args.iters));
+            obj.insert("train_iters".into(), serde_json::json!(args.train_iters));
+            obj.insert("threads".into(), serde_json::json!(threads));
+            obj.insert("machine".into(), serde_json::json!(crate::experiment::machine()));
+            obj.insert("git_commit".into(), serde_json::json!(crate::experiment::git_commit()));
+            obj.insert("peak_rss_mib".into(), serde_json::json!(peak));
+            obj.insert("backends".into(), serde_json::Value::Object(per_backend));
+        }
+        dmd_models::weights::write_atomic(path, serde_json::to_string_pretty(&top)?.as_bytes())?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

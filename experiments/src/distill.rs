@@ -791,7 +791,10 @@ pub fn finished(cfg: &DistillConfig) -> Result<bool> {
     let same = toml::from_str::<DistillConfig>(&saved).is_ok_and(|old| resume_key(&old) == resume_key(cfg));
     let state: serde_json::Value = serde_json::from_str(&state).with_context(|| out.join("checkpoint/state.json").display().to_string())?;
     let step = state["step"].as_u64().unwrap_or(0) as usize;
-    Ok(same && step >= cfg.train.total_steps && out.join("generator.safetensors").exists())
+    if same && step > cfg.train.total_steps {
+        bail!("{}: the checkpoint is at step {step}, past train.total_steps = {}; raise total_steps or choose another out_dir", out.display(), cfg.train.total_steps);
+    }
+    Ok(same && step == cfg.train.total_steps && out.join("generator.safetensors").exists())
 }
 
 pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {

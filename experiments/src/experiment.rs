@@ -160,17 +160,22 @@ pub fn load_table(path: &Path, overrides: &[String]) -> Result<toml::Table> {
         let stem = path.file_stem().map(|s| s.to_string_lossy().replace('_', "-")).unwrap_or_default();
         table.insert("name".into(), toml::Value::String(stem));
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if let Some(toml::Value::Table(t)) = table.get_mut("teacher") {
-        if let Some(toml::Value::String(p)) = t.get("train").cloned() {
-            let file = dir.join(&p);
-            t.insert("train".into(), toml::Value::Table(read_table(&file)?));
-        }
-    }
     for o in overrides {
         set_override(&mut table, o)?;
     }
+    // `--set teacher.train=FILE` names a file relative to the current folder.
+    inline_teacher_config(&mut table, Path::new("."))?;
     Ok(table)
+}
+
+/// Replaces `[teacher] train = "FILE"` by the file's table (FILE relative to `dir`).
+fn inline_teacher_config(table: &mut toml::Table, dir: &Path) -> Result<()> {
+    if let Some(toml::Value::Table(t)) = table.get_mut("teacher") {
+        if let Some(toml::Value::String(p)) = t.get("train").cloned() {
+            t.insert("train".into(), toml::Value::Table(read_table(&dir.join(&p))?));
+        }
+    }
+    Ok(())
 }
 
 fn read_table(path: &Path) -> Result<toml::Table> {
@@ -183,15 +188,18 @@ fn read_with_base(path: &Path, depth: usize) -> Result<toml::Table> {
         bail!("{}: `base` nests more than 8 deep (a cycle?)", path.display());
     }
     let mut table = read_table(path)?;
+    // A teacher config file is read relative to the file that names it, before merging, so
+    // that a derived file can change single keys of it.
+    inline_teacher_config(&mut table, path.parent().unwrap_or(Path::new(".")))?;
     match table.remove("base") {
         None => Ok(table),
         Some(toml::Value::String(b)) => {
             let base_path = path.parent().unwrap_or(Path::new(".")).join(&b);
             let mut base = read_with_base(&base_path, depth + 1).with_context(|| format!("{}: base", path.display()))?;
-            // A derived file names itself; it never inherits the base's name or title.
-            base.remove("name");
-            base.remove("title");
-            base.remove("paper");
+            // A derived file names itself and its folders; it never inherits them.
+            for key in ["name", "title", "paper", "work_dir", "results_dir"] {
+                base.remove(key);
+            }
             merge(&mut base, table);
             Ok(base)
         }
@@ -329,6 +337,18 @@ pub struct RunExperimentArgs {
     pub common: CommonArgs,
 }
 
+impl CommonArgs {
+    /// The `--set` overrides, with `--device` as one more (so that it enters the recorded
+    /// config and its hash).
+    pub fn overrides(&self) -> Vec<String> {
+        let mut set = self.set.clone();
+        if let Some(d) = self.device {
+            set.push(format!("device=\"{d}\""));
+        }
+        set
+    }
+}
+
 /// What `dmd run` and `dmd ablate` share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
@@ -384,7 +404,8 @@ pub struct ModelRow {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StageTime {
-    pub seconds: f64,
+    /// None: done by an earlier run that did not record its time.
+    pub seconds: Option<f64>,
     /// Done by an earlier invocation (the time is that of this check only).
     pub skipped: bool,
 }
@@ -420,7 +441,7 @@ pub fn fnv_hex(text: &str) -> String {
 
 pub fn git_commit() -> String {
     std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
         .output()
         .ok()
         .filter(|o| o.status.success())
@@ -435,6 +456,57 @@ pub fn machine() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!("{cpu}, {threads} threads")
+}
+
+/// FNV-1a 64 of a file's bytes: tells retrained weights from the old ones (same size).
+fn file_fingerprint(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| path.display().to_string())?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Records in `dir` which teacher its outputs come from, and refuses a folder made from
+/// another (the teacher was retrained or its file replaced since).
+fn check_teacher_stamp(dir: &Path, teacher_fp: &str) -> Result<()> {
+    let stamp = dir.join("teacher_fingerprint.txt");
+    match std::fs::read_to_string(&stamp) {
+        Ok(old) if old.trim() != teacher_fp => {
+            bail!("{}: made from a different teacher (its weights changed since); delete this folder to redo the stage", dir.display())
+        }
+        Ok(_) => Ok(()),
+        Err(_) => {
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+            Ok(write_atomic(&stamp, teacher_fp.as_bytes())?)
+        }
+    }
+}
+
+/// A stage's wall time: measured now when it ran, else what the run that made it recorded.
+fn stage_time(dir: &Path, ran: Option<f64>) -> Result<StageTime> {
+    let file = dir.join("stage_time.json");
+    Ok(match ran {
+        Some(seconds) => {
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+            write_atomic(&file, serde_json::json!({ "seconds": seconds }).to_string().as_bytes())?;
+            StageTime { seconds: Some(seconds), skipped: false }
+        }
+        None => {
+            let seconds = std::fs::read_to_string(&file).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).and_then(|v| v["seconds"].as_f64());
+            StageTime { seconds, skipped: true }
+        }
+    })
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
@@ -458,7 +530,7 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
         let device = cfg.device.device()?;
         let net = FidInception::load(&f.inception, &device)?;
         let (_, s) = timed(|| reference_of(cfg, f, &net, &device))?;
-        stages.insert("fid_reference".into(), StageTime { seconds: s, skipped: false });
+        stages.insert("fid_reference".into(), StageTime { seconds: Some(s), skipped: false });
     }
     if until == Stage::Reference {
         return Ok(None);
@@ -470,10 +542,11 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
         let done = teacher::finished(&tc)?;
         let (_, s) = timed(|| if done { Ok(()) } else { teacher::train(&tc, true).map(|_| ()) })?;
         eprintln!("teacher: {} ({})", teacher.display(), if done { "done earlier" } else { "trained" });
-        stages.insert("teacher".into(), StageTime { seconds: s, skipped: done });
+        stages.insert("teacher".into(), stage_time(&tc.out_dir, (!done).then_some(s))?);
     } else if !teacher.exists() {
         bail!("teacher.weights: {} does not exist (convert EDM's pickle with tools/edm_to_safetensors.py)", teacher.display());
     }
+    let teacher_fp = file_fingerprint(&teacher)?;
     if until == Stage::Teacher {
         return Ok(None);
     }
@@ -491,9 +564,10 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
             out: dir.clone(),
             device: cfg.device,
         };
+        check_teacher_stamp(&dir, &teacher_fp)?;
         let done = pairs::finished(&args);
         let (_, s) = timed(|| if done { Ok(()) } else { pairs::run(&args) })?;
-        stages.insert("pairs".into(), StageTime { seconds: s, skipped: done });
+        stages.insert("pairs".into(), stage_time(&dir, (!done).then_some(s))?);
     }
     if until == Stage::Pairs {
         return Ok(None);
@@ -501,9 +575,10 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
 
     // 3. Distillation (resumes from its checkpoint).
     let dcfg = cfg.distill_config()?;
+    check_teacher_stamp(&dcfg.out_dir, &teacher_fp)?;
     let done = distill::finished(&dcfg)?;
     let (_, s) = timed(|| if done { Ok(()) } else { distill::distill(&dcfg, true).map(|_| ()) })?;
-    stages.insert("distill".into(), StageTime { seconds: s, skipped: done });
+    stages.insert("distill".into(), stage_time(&dcfg.out_dir, (!done).then_some(s))?);
     let generator = dcfg.out_dir.join("generator.safetensors");
     if until == Stage::Distill {
         return Ok(None);
@@ -526,11 +601,11 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
     let teacher_nfe = 2 * cfg.eval.teacher_steps.max(1) - 1;
     let mut evaluator = Evaluator::new(cfg, &device)?;
     let teacher_row = match &teacher_source {
-        Some(src) => Some(cached_teacher_row(cfg, &teacher, || evaluator.row(src, "teacher (Heun)", teacher_nfe))?),
+        Some(src) => Some(cached_teacher_row(cfg, &teacher, &teacher_fp, || evaluator.row(src, "teacher (Heun)", teacher_nfe))?),
         None => None,
     };
     let gen_row = evaluator.row(&gen_source, "generator", gen_nfe)?;
-    stages.insert("eval".into(), StageTime { seconds: t0.elapsed().as_secs_f64(), skipped: false });
+    stages.insert("eval".into(), StageTime { seconds: Some(t0.elapsed().as_secs_f64()), skipped: false });
 
     write_grid(&results.join("samples.png"), teacher_source.as_ref(), &gen_source, cfg)?;
     let mut curves = Vec::new();
@@ -572,11 +647,10 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
 }
 
 /// The teacher's row, reused from an earlier run with the same teacher and evaluation.
-fn cached_teacher_row(cfg: &ExperimentConfig, teacher: &Path, compute: impl FnOnce() -> Result<ModelRow>) -> Result<ModelRow> {
-    let len = std::fs::metadata(teacher).map(|m| m.len()).unwrap_or(0);
+fn cached_teacher_row(cfg: &ExperimentConfig, teacher: &Path, teacher_fp: &str, compute: impl FnOnce() -> Result<ModelRow>) -> Result<ModelRow> {
     let mut eval = cfg.eval.clone();
     eval.grid_seeds = 0;
-    let key = fnv_hex(&format!("{}|{len}|{}|{}", teacher.display(), serde_json::to_string(&eval)?, cfg.device));
+    let key = fnv_hex(&format!("{teacher_fp}|{}|{}", serde_json::to_string(&eval)?, cfg.device));
     let path = teacher.parent().unwrap_or(Path::new(".")).join("eval-cache").join(format!("teacher-{key}.json"));
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(row) = serde_json::from_str::<ModelRow>(&text) {
@@ -657,7 +731,16 @@ impl<'a> Evaluator<'a> {
 
 /// The FID reference statistics: read, or computed from the data and written.
 fn reference_of(cfg: &ExperimentConfig, f: &FidEval, net: &FidInception, device: &burn::tensor::Device) -> Result<FidStats> {
+    // The settings the statistics were computed with sit beside them; a file without (e.g.
+    // EDM's published statistics) is taken as given.
+    let settings = serde_json::json!({ "reference_num": f.reference_num, "mode": f.mode, "reference_data": f.reference_data, "teacher_data": cfg.teacher.train.as_ref().map(|t| &t.data) });
+    let sidecar = f.reference.with_extension("json");
     if f.reference.exists() {
+        if let Ok(text) = std::fs::read_to_string(&sidecar) {
+            if serde_json::from_str::<serde_json::Value>(&text).ok().as_ref() != Some(&settings) {
+                bail!("eval.fid.reference: {} was computed with other settings ({}); delete it or name another file", f.reference.display(), sidecar.display());
+            }
+        }
         return FidStats::read_npz(&f.reference);
     }
     let data = match (&f.reference_data, &cfg.teacher.train) {
@@ -667,6 +750,7 @@ fn reference_of(cfg: &ExperimentConfig, f: &FidEval, net: &FidInception, device:
     };
     let stats = reference_stats(net, FidPreprocess::from(f.mode), &data, f.reference_num, cfg.eval.batch, device)?;
     stats.write_npz(&f.reference)?;
+    write_atomic(&sidecar, serde_json::to_string_pretty(&settings)?.as_bytes())?;
     eprintln!("FID reference statistics of {} images: {}", f.reference_num, f.reference.display());
     Ok(stats)
 }
@@ -795,7 +879,11 @@ fn notes_of(results: &Path) -> String {
 fn stage_lines(m: &ExperimentMetrics) -> String {
     m.stages
         .iter()
-        .map(|(k, v)| format!("- {k}: {:.1} s{}\n", v.seconds, if v.skipped { " (done by an earlier run; not re-timed)" } else { "" }))
+        .map(|(k, v)| match (v.skipped, v.seconds) {
+            (false, Some(s)) => format!("- {k}: {s:.1} s\n"),
+            (true, Some(s)) => format!("- {k}: {s:.1} s (measured by the run that made it)\n"),
+            (_, None) => format!("- {k}: done by an earlier run (time not recorded)\n"),
+        })
         .collect()
 }
 
@@ -857,15 +945,12 @@ pub fn ablate(args: &AblateArgs) -> Result<()> {
     let results = PathBuf::from("results").join(&name);
     let mut all = Vec::new();
     for path in &configs {
-        let mut set = args.common.set.clone();
+        let mut set = args.common.overrides();
         let exp_name = load_table(path, &[])?.get("name").and_then(|v| v.as_str()).unwrap_or_default().to_string();
         set.insert(0, format!("results_dir=\"{}\"", results.join(&exp_name).display()));
         let table = load_table(path, &set)?;
-        let mut cfg = ExperimentConfig::from_table(table.clone(), &path.display().to_string())?;
-        if let Some(d) = args.common.device {
-            cfg.device = d;
-        }
-        let command = format!("run {}{}", path.display(), set.iter().skip(1).map(|s| format!(" --set '{s}'")).collect::<String>());
+        let cfg = ExperimentConfig::from_table(table.clone(), &path.display().to_string())?;
+        let command = rerun_command("run", &sh_quote(&path.display().to_string()), &set);
         if let Some(m) = run(&cfg, &table, &command, args.common.until)? {
             all.push(m);
         }
@@ -874,9 +959,9 @@ pub fn ablate(args: &AblateArgs) -> Result<()> {
         return Ok(());
     }
     let command = match &set_dir {
-        Some(p) => format!("ablate {}", p.display()),
-        None => format!("ablate --name {name} {}", configs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")),
-    } + &args.common.set.iter().map(|s| format!(" --set '{s}'")).collect::<String>();
+        Some(p) => rerun_command("ablate", &sh_quote(&p.display().to_string()), &args.common.overrides()),
+        None => rerun_command("ablate", &format!("--name {name} {}", configs.iter().map(|p| sh_quote(&p.display().to_string())).collect::<Vec<_>>().join(" ")), &args.common.overrides()),
+    };
     let mut s = format!("# {name}{}\n\n", if title.is_empty() { String::new() } else { format!(": {title}") });
     s += &format!("Rerun (from the repository root; finished stages are skipped):\n\n```sh\ncargo run --release -- {command}\n```\n\n");
     s += &table_markdown(&all, true);
@@ -893,11 +978,23 @@ pub fn ablate(args: &AblateArgs) -> Result<()> {
 }
 
 pub fn run_cmd(args: &RunExperimentArgs) -> Result<()> {
-    let table = load_table(&args.config, &args.common.set)?;
-    let mut cfg = ExperimentConfig::from_table(table.clone(), &args.config.display().to_string())?;
-    if let Some(d) = args.common.device {
-        cfg.device = d;
-    }
-    let command = format!("run {}{}", args.config.display(), args.common.set.iter().map(|s| format!(" --set '{s}'")).collect::<String>());
+    let set = args.common.overrides();
+    let table = load_table(&args.config, &set)?;
+    let cfg = ExperimentConfig::from_table(table.clone(), &args.config.display().to_string())?;
+    let command = rerun_command("run", &sh_quote(&args.config.display().to_string()), &set);
     run(&cfg, &table, &command, args.common.until).map(|_| ())
+}
+
+/// `dmd SUB ARGS --set ...`, each override quoted for a POSIX shell.
+fn rerun_command(sub: &str, args: &str, set: &[String]) -> String {
+    format!("{sub} {args}{}", set.iter().map(|s| format!(" --set {}", sh_quote(s))).collect::<String>())
+}
+
+/// Quotes `s` for a POSIX shell when it holds anything but plain path characters.
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }

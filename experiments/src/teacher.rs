@@ -209,7 +209,10 @@ pub fn finished(cfg: &TeacherConfig) -> Result<bool> {
     };
     let same = toml::from_str::<TeacherConfig>(&saved).is_ok_and(|old| resume_key(&old) == resume_key(cfg));
     let state: TrainState = serde_json::from_str(&state).with_context(|| run.checkpoint().join("state.json").display().to_string())?;
-    Ok(same && state.step >= cfg.train.total_steps && run.teacher().exists())
+    if same && state.step > cfg.train.total_steps {
+        bail!("{}: the checkpoint is at step {}, past train.total_steps = {}; raise total_steps or choose another out_dir", run.0.display(), state.step, cfg.train.total_steps);
+    }
+    Ok(same && state.step == cfg.train.total_steps && run.teacher().exists())
 }
 
 pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {

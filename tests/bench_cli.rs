@@ -1,0 +1,34 @@
+//! `dmd bench`'s JSON contract (numbers are measured, never asserted beyond being times):
+//! `dmd bench --net-config NET.json --batch B --device D --json OUT.json` writes
+//! `denoise_fwd_ms`, `teacher_step_ms`, `dmd_step_ms` and the generation times per NFE.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn bench_writes_the_json_contract() {
+    let tmp = scratch("bench_cli");
+    let net = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/configs/networks/adm_tiny.json");
+    let out = tmp.join("bench.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["bench", "--net-config", net.to_str().unwrap(), "--batch", "2", "--device", "cpu", "--warmup", "0", "--iters", "1", "--train-iters", "1", "--sampling", "1,3"])
+        .args(["--json", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for key in ["denoise_fwd_ms", "teacher_step_ms", "dmd_step_ms"] {
+        assert!(v[key].as_f64().is_some_and(|t| t > 0.0 && t.is_finite()), "{key}: {}", v[key]);
+    }
+    assert_eq!(v["batch"], 2);
+    assert_eq!(v["backend"], "cpu");
+    let gen = &v["generation_ms_per_batch_by_nfe"];
+    assert!(gen["1"].as_f64().unwrap() > 0.0 && gen["3"].as_f64().unwrap() > 0.0, "{gen}");
+    // Heun with an even NFE does not exist: a one-line error.
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd")).args(["bench", "--batch", "1", "--device", "cpu", "--no-train", "--iters", "1", "--sampling", "4"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("odd"));
+}
