@@ -32,3 +32,32 @@ fn bench_writes_the_json_contract() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("odd"));
 }
+
+/// `--check-reference` recomputes the official EDM outputs on each backend (the errors must be
+/// those of a correct float32 port), and `--ops` times every building block.
+#[test]
+fn bench_checks_the_reference_and_times_building_blocks() {
+    let Some(dir) = reference_dir("edm") else { return };
+    let tmp = scratch("bench_cli_ops");
+    let out = tmp.join("bench.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["bench", "--batch", "2", "--device", "cpu", "--no-train", "--warmup", "0", "--iters", "1", "--sampling", "1", "--ops"])
+        .args(["--check-reference", dir.to_str().unwrap(), "--json", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let errors = v["reference_rel_l2"]["cpu"].as_object().expect("reference errors");
+    for case in ["adm_tiny.denoise_out", "adm_tiny.sample_out", "ddpmpp_tiny.denoise_out", "ddpmpp_tiny.sample_out"] {
+        let e = errors[case].as_f64().unwrap_or(f64::NAN);
+        assert!(e < 1e-5, "{case}: relative L2 error {e}");
+    }
+    let ops = v["backends"]["cpu"]["ops"].as_object().expect("ops");
+    assert_eq!(ops.len(), 7, "{ops:?}");
+    for (name, t) in ops {
+        for key in ["forward_ms", "forward_backward_ms"] {
+            assert!(t[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()), "{name} {key}: {t}");
+        }
+    }
+    assert!(v["parameters"].as_u64().is_some_and(|p| p > 0));
+}

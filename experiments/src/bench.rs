@@ -9,11 +9,12 @@ use dmd_models::inception::{FidInception, FidPreprocess};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use anyhow::{Context, Result};
+use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_losses::edm::edm_loss;
 use dmd_models::weights::assign_ids;
-use dmd_models::{EdmConfig, EdmPrecond};
+use dmd_models::{EdmConfig, EdmPrecond, HostTensor};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -51,6 +52,19 @@ pub struct BenchArgs {
     /// 2k-1: EDM's Heun sampler with k steps), e.g. `--sampling 1,35,511`; empty: skip.
     #[arg(long, value_delimiter = ',', default_value = "1,35")]
     pub sampling: Vec<usize>,
+    /// Run the network body (everything between EDM's input and output scalings) in bf16,
+    /// as DMD2's mixed precision does; parameters and optimiser state stay float32.
+    #[arg(long)]
+    pub bf16: bool,
+    /// Also time the network's building blocks alone (3x3 convolutions, group norm, SiLU,
+    /// attention, 2x resampling) at the shapes they meet in it: forward, and forward + backward.
+    #[arg(long)]
+    pub ops: bool,
+    /// Before timing, check each backend against the official EDM outputs in this folder
+    /// (`../shared/reference/edm`: denoiser and 18-step Heun sampler of `adm_tiny` and
+    /// `ddpmpp_tiny`) and report the relative L2 errors (a correct float32 port: below 1e-5).
+    #[arg(long)]
+    pub check_reference: Option<PathBuf>,
     /// Also write the numbers as JSON (the first backend's at the top level:
     /// `denoise_fwd_ms`, `teacher_step_ms`, `dmd_step_ms`; every backend under `backends`).
     #[arg(long)]
@@ -90,10 +104,11 @@ fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Resu
     let weights = dir.join("teacher.safetensors");
     net.save(&weights)?;
     let cfg: DistillConfig = toml::from_str(&format!(
-        "out_dir = \"{}\"\ndevice = \"{backend}\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {}\n",
+        "out_dir = \"{}\"\ndevice = \"{backend}\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {}\nbf16_body = {}\n",
         dir.display(),
         weights.display(),
-        args.batch
+        args.batch,
+        args.bf16
     ))?;
     let mut d = Distiller::new(&cfg, None)?;
     let mut times = Vec::new();
@@ -107,6 +122,132 @@ fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Resu
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(median(times))
+}
+
+/// A network building block on one device: input -> output, its parameters made once.
+type Block = Box<dyn Fn(Tensor<4>) -> Tensor<4>>;
+
+/// Median times (s) of forward and of forward + backward (gradients for the input and the
+/// block's parameters, the upstream gradient a fixed random tensor) of the building blocks of
+/// an ADM/DDPM++ network at the shapes `cfg` gives them: model_channels at full resolution,
+/// twice that at half resolution (where adm_tiny has its attention).
+fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize) -> Vec<(String, f64, f64)> {
+    use burn::tensor::module::{avg_pool2d, conv2d};
+    use burn::tensor::ops::{AvgPoolOptions, ConvOptions};
+    use dmd_models::nn::{silu, GroupNorm, Init};
+    let (c, r) = (cfg.model_channels(), cfg.img_resolution);
+    let (c2, r2) = (2 * c, (r / 2).max(1));
+    let heads = (c2 / 64).max(1);
+    let random = |shape: Vec<usize>, seed: u64, dev: &Device| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() - 0.5).collect();
+        Tensor::<4>::from_data(TensorData::new(v, shape), dev)
+    };
+    let weight = move |shape: [usize; 4], dev: &Device, track: bool| {
+        let w = random(shape.to_vec(), 7, dev);
+        if track { w.require_grad() } else { w }
+    };
+    // (device, whether gradients are wanted) -> the block with its parameters.
+    type Make = Box<dyn Fn(&Device, bool) -> Block>;
+    let conv = move |ci: usize, co: usize, k: usize| -> Make {
+        Box::new(move |dev: &Device, track: bool| {
+            let w = weight([co, ci, k, k], dev, track);
+            Box::new(move |x| conv2d(x, w.clone(), None, ConvOptions::new([1, 1], [k / 2, k / 2], [1, 1], 1)))
+        })
+    };
+    let cases: Vec<(String, [usize; 4], Make)> = vec![
+        (format!("conv3x3 {c}->{c} at {r}x{r}"), [batch, c, r, r], conv(c, c, 3)),
+        (format!("conv3x3 {c2}->{c2} at {r2}x{r2}"), [batch, c2, r2, r2], conv(c2, c2, 3)),
+        (format!("conv1x1 {c2}->{} at {r2}x{r2} (qkv)", 3 * c2), [batch, c2, r2, r2], conv(c2, 3 * c2, 1)),
+        (
+            format!("group_norm {c} ch at {r}x{r}"),
+            [batch, c, r, r],
+            Box::new(move |dev: &Device, _| {
+                let gn = GroupNorm::new(&mut Init::new(dev, 0), c, 1e-5);
+                Box::new(move |x| gn.forward(x))
+            }),
+        ),
+        (format!("silu {c} ch at {r}x{r}"), [batch, c, r, r], Box::new(|_: &Device, _| Box::new(silu))),
+        (
+            format!("attention {heads} head(s), {c2} ch at {r2}x{r2}"),
+            [batch, 3 * c2, r2, r2],
+            Box::new(move |_: &Device, _| {
+                Box::new(move |qkv: Tensor<4>| {
+                    // The same steps as UNetBlock's attention: [N*heads, ch, 3, hw] layout.
+                    let [n, _, h, w] = qkv.dims();
+                    let ch = c2 / heads;
+                    let qkv = qkv.reshape([n * heads, ch, 3, h * w]);
+                    let take = |i: usize| qkv.clone().narrow(2, i, 1).reshape([n * heads, ch, h * w]);
+                    let weights = burn::tensor::activation::softmax(take(0).swap_dims(1, 2).matmul(take(1).div_scalar((ch as f64).sqrt())), 2);
+                    take(2).matmul(weights.swap_dims(1, 2)).reshape([n, c2, h, w])
+                })
+            }),
+        ),
+        (
+            format!("downsample 2x2 average, {c} ch at {r}x{r}"),
+            [batch, c, r, r],
+            Box::new(|_: &Device, _| Box::new(|x| avg_pool2d(x, AvgPoolOptions::new([2, 2])))),
+        ),
+    ];
+    let ad = device.clone().autodiff();
+    let mut rows = Vec::new();
+    for (name, shape, make) in cases {
+        let plain = make(device, false);
+        let x = random(shape.to_vec(), 1, device);
+        let fwd = timed_median(warmup, iters, || {
+            let _ = plain(x.clone()).into_data();
+        });
+        let tracked = make(&ad, true);
+        let x_ad = random(shape.to_vec(), 1, &ad).require_grad();
+        let upstream = tracked(x_ad.clone()).detach();
+        let upstream = random(upstream.dims().to_vec(), 2, &ad);
+        let fwd_bwd = timed_median(warmup, iters, || {
+            let grads = (tracked(x_ad.clone()) * upstream.clone()).sum().backward();
+            let _ = x_ad.grad(&grads).map(|g| g.into_data());
+        });
+        rows.push((name, fwd, fwd_bwd));
+    }
+    rows
+}
+
+/// Relative L2 errors against the official EDM outputs: (case, error) for the denoiser and
+/// the 18-step Heun sampler of each reference network.
+fn check_reference(dir: &std::path::Path, device: &Device) -> Result<Vec<(String, f64)>> {
+    use dmd_models::{sample, NamedTensors, NetDenoiser, SamplerConfig};
+    let rel_l2 = |a: &HostTensor, b: &HostTensor| {
+        let num: f64 = a.data.iter().zip(&b.data).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.data.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let mut out = Vec::new();
+    for name in ["adm_tiny", "ddpmpp_tiny"] {
+        let cases_path = dir.join(format!("{name}_cases.safetensors"));
+        let cases = NamedTensors::read(&cases_path)?;
+        let get = |k: &str| cases.get(k).with_context(|| format!("{}: no tensor `{k}`", cases_path.display()));
+        let net = EdmPrecond::load(&dir.join(format!("{name}.safetensors")), &dir.join(format!("{name}.json")), device, "reference")?;
+        let x = get("denoise_x")?.to_tensor::<4>(device);
+        let sigma = get("denoise_sigma")?.to_tensor::<1>(device);
+        let labels = get("denoise_labels")?.to_tensor::<2>(device);
+        let denoised = HostTensor::from_tensor(net.forward(x, sigma, Some(labels)));
+        out.push((format!("{name}.denoise_out"), rel_l2(&denoised, get("denoise_out")?)));
+        let denoiser = NetDenoiser { net: &net, device: device.clone() };
+        let samples = sample(&denoiser, get("sample_latents")?, Some(get("sample_labels")?), &SamplerConfig::default(), &mut [], |_| {});
+        out.push((format!("{name}.sample_out"), rel_l2(&samples, get("sample_out")?)));
+    }
+    Ok(out)
+}
+
+/// Wall time of the sampler at each NFE over the one-step generator's (the NFE ratio is the
+/// ideal: both make one batch, and one network call costs the same in either).
+fn speedups(by_nfe: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    let one = by_nfe.get("1").and_then(|v| v.as_f64());
+    let map: serde_json::Map<String, serde_json::Value> = by_nfe
+        .iter()
+        .filter(|(k, _)| k.as_str() != "1")
+        .filter_map(|(k, v)| Some((k.clone(), serde_json::json!(v.as_f64()? / one?))))
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), MiB.
@@ -139,12 +280,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let name = args.config.as_ref().map_or("adm_tiny".to_string(), |p| p.display().to_string());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("# dmd bench: {name}, {:?}, batch {}, {threads} threads available; medians of {} after {} warm-up", cfg.model_type, args.batch, args.iters, args.warmup);
+    let precision = if args.bf16 { "bf16 body" } else { "float32" };
+    // Memory a DMD run holds whatever the batch: float32 weights of the real score, fake score
+    // and generator, plus gradients and two AdamW moments for each of the two trained ones.
+    let params = EdmPrecond::new(&cfg, &Backend::Cpu.device()?, 0).num_params();
+    let static_gib = (3 + 2 * 3) as f64 * 4.0 * params as f64 / (1u64 << 30) as f64;
+    println!("# {:.1}M parameters; a DMD run's weights, gradients and AdamW moments: {static_gib:.2} GiB before activations", params as f64 / 1e6);
+    println!("# dmd bench: {name}, {:?}, batch {}, {precision}, {threads} threads available; medians of {} after {} warm-up", cfg.model_type, args.batch, args.iters, args.warmup);
     println!("{:<8} {:>14} {:>20} {:>18} {:>20}", "backend", "forward (ms)", "forward (images/s)", "teacher step (ms)", "DMD iteration (ms)");
     let mut per_backend = serde_json::Map::new();
+    let mut reference = serde_json::Map::new();
+    if let Some(dir) = &args.check_reference {
+        for backend in &args.backends {
+            let errors = check_reference(dir, &backend.device()?)?;
+            for (case, err) in &errors {
+                println!("{:<8} reference {case}: relative L2 error {err:.2e}{}", backend.to_string(), if *err < 1e-5 { "" } else { "  <-- above 1e-5" });
+            }
+            reference.insert(backend.to_string(), serde_json::json!(errors.into_iter().map(|(k, v)| (k, serde_json::json!(v))).collect::<serde_json::Map<_, _>>()));
+        }
+    }
     for backend in &args.backends {
         let device = backend.device()?;
-        let net = EdmPrecond::new(&cfg, &device, 0);
+        let net = EdmPrecond::new(&cfg, &device, 0).with_bf16_body(args.bf16);
         let (x, sigma, labels, noise) = inputs(&cfg, args.batch, &device);
         let fwd_s = timed_median(args.warmup, args.iters, || {
             let _ = net.forward(x.clone(), sigma.clone(), labels.clone()).into_data();
@@ -154,7 +311,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             None
         } else {
             let ad = device.clone().autodiff();
-            let mut net = Some(assign_ids(EdmPrecond::new(&cfg, &ad, 0), "net"));
+            let mut net = Some(assign_ids(EdmPrecond::new(&cfg, &ad, 0), "net").with_bf16_body(args.bf16));
             let mut optim = AdamConfig::new().init();
             let (x, sigma, labels, noise) = (x.clone().to_device(&ad), sigma.clone().to_device(&ad), labels.clone().map(|l| l.to_device(&ad)), noise.clone().to_device(&ad));
             Some(timed_median(args.warmup, args.train_iters, || {
@@ -174,8 +331,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut sampling = serde_json::Map::new();
         let z = noise.clone();
         for &nfe in &args.sampling {
+            // The one-step time is measured like the forward pass above (same warm-up and
+            // repetitions), so its ratio to the sampler's time is not skewed by noise.
             let s = if nfe == 1 {
-                timed_median(args.warmup.min(1), args.iters.min(3), || {
+                timed_median(args.warmup, args.iters, || {
                     let _ = crate::distill::generate(&net, z.clone(), labels.clone(), 80.0).into_data();
                 })
             } else {
@@ -199,20 +358,34 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 .map(|(k, v)| {
                     let ms = v.as_f64().unwrap_or(0.0);
                     match (one, k.as_str()) {
-                        (Some(o), k) if k != "1" => format!("{k} NFE {ms:.1} ms ({:.1}x the one-step time)", ms / o),
+                        (Some(o), k) if k != "1" => format!("{k} NFE {ms:.1} ms ({:.1}x the one-step time; NFE ratio {k})", ms / o),
                         _ => format!("{k} NFE {ms:.1} ms"),
                     }
                 })
                 .collect();
             println!("{:<8} generation of a batch: {}", backend.to_string(), line.join(", "));
         }
+        let ops = if args.ops {
+            let rows = op_breakdown(&cfg, args.batch, &device, args.warmup, args.iters);
+            println!("{:<8} {:<40} {:>14} {:>22}", backend.to_string(), "building block", "forward (ms)", "forward+backward (ms)");
+            for (name, f, fb) in &rows {
+                println!("{:<8} {name:<40} {:>14.2} {:>22.2}", "", f * 1000.0, fb * 1000.0);
+            }
+            let map: serde_json::Map<String, serde_json::Value> =
+                rows.into_iter().map(|(n, f, fb)| (n, serde_json::json!({ "forward_ms": f * 1000.0, "forward_backward_ms": fb * 1000.0 }))).collect();
+            Some(serde_json::Value::Object(map))
+        } else {
+            None
+        };
         per_backend.insert(
             backend.to_string(),
             serde_json::json!({
+                "ops": ops,
                 "denoise_fwd_ms": fwd_s * 1000.0,
                 "denoise_images_per_s": args.batch as f64 / fwd_s,
                 "teacher_step_ms": train_s.map(|s| s * 1000.0),
                 "dmd_step_ms": dmd_s.map(|s| s * 1000.0),
+                "generation_speedup_of_one_step_by_nfe": speedups(&sampling),
                 "generation_ms_per_batch_by_nfe": sampling,
             }),
         );
@@ -234,10 +407,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             obj.insert("iters".into(), serde_json::json!(args.iters));
             obj.insert("train_iters".into(), serde_json::json!(args.train_iters));
             obj.insert("threads".into(), serde_json::json!(threads));
+            obj.insert("bf16_body".into(), serde_json::json!(args.bf16));
+            obj.insert("parameters".into(), serde_json::json!(params));
+            obj.insert("dmd_static_memory_gib".into(), serde_json::json!(static_gib));
             obj.insert("machine".into(), serde_json::json!(crate::experiment::machine()));
             obj.insert("git_commit".into(), serde_json::json!(crate::experiment::git_commit()));
             obj.insert("peak_rss_mib".into(), serde_json::json!(peak));
             obj.insert("backends".into(), serde_json::Value::Object(per_backend));
+            if !reference.is_empty() {
+                obj.insert("reference_rel_l2".into(), serde_json::Value::Object(reference));
+            }
         }
         dmd_models::weights::write_atomic(path, serde_json::to_string_pretty(&top)?.as_bytes())?;
         println!("wrote {}", path.display());

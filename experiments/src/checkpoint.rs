@@ -53,6 +53,24 @@ pub fn guard_config<T: Serialize + PartialEq>(path: &Path, cfg: &T, previous: Op
     Ok(())
 }
 
+/// Whether the run in `dir` is complete for `cfg`: its recorded config has the same `key`, its
+/// checkpoint (`checkpoint/state.json`) is at exactly `total_steps`, and its final `output`
+/// exists. A checkpoint of the same config past `total_steps` is an error (a shorter run was
+/// asked of a longer one's folder).
+pub fn run_finished<T: DeserializeOwned + PartialEq>(dir: &Path, cfg: &T, key: impl Fn(&T) -> T, total_steps: usize, output: &Path) -> Result<bool> {
+    let state_path = dir.join("checkpoint").join("state.json");
+    let (Ok(saved), Ok(state)) = (std::fs::read_to_string(dir.join("config.toml")), std::fs::read_to_string(&state_path)) else {
+        return Ok(false);
+    };
+    let same = toml::from_str::<T>(&saved).is_ok_and(|old| key(&old) == key(cfg));
+    let state: serde_json::Value = serde_json::from_str(&state).with_context(|| state_path.display().to_string())?;
+    let step = state["step"].as_u64().with_context(|| format!("{}: no step", state_path.display()))? as usize;
+    if same && step > total_steps {
+        bail!("{}: the checkpoint is at step {step}, past train.total_steps = {total_steps}; raise total_steps or choose another out_dir", dir.display());
+    }
+    Ok(same && step == total_steps && output.exists())
+}
+
 pub fn append_jsonl(path: &Path, line: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     writeln!(f, "{line}")?;

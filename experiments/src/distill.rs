@@ -9,7 +9,7 @@
 //! multi-step generators on their own samples (backward simulation). One training step is
 //! [`Distiller::step`], top to bottom.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, truncate_jsonl, write_dir_atomically};
+use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::ema_update;
@@ -784,17 +784,7 @@ fn resume_key(cfg: &DistillConfig) -> DistillConfig {
 /// Whether `out_dir` holds the finished run of this config (generator written, checkpoint at
 /// the last step, same weights-shaping settings).
 pub fn finished(cfg: &DistillConfig) -> Result<bool> {
-    let out = &cfg.out_dir;
-    let (Ok(saved), Ok(state)) = (std::fs::read_to_string(out.join("config.toml")), std::fs::read_to_string(out.join("checkpoint").join("state.json"))) else {
-        return Ok(false);
-    };
-    let same = toml::from_str::<DistillConfig>(&saved).is_ok_and(|old| resume_key(&old) == resume_key(cfg));
-    let state: serde_json::Value = serde_json::from_str(&state).with_context(|| out.join("checkpoint/state.json").display().to_string())?;
-    let step = state["step"].as_u64().unwrap_or(0) as usize;
-    if same && step > cfg.train.total_steps {
-        bail!("{}: the checkpoint is at step {step}, past train.total_steps = {}; raise total_steps or choose another out_dir", out.display(), cfg.train.total_steps);
-    }
-    Ok(same && step == cfg.train.total_steps && out.join("generator.safetensors").exists())
+    run_finished(&cfg.out_dir, cfg, resume_key, cfg.train.total_steps, &cfg.out_dir.join("generator.safetensors"))
 }
 
 pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {

@@ -18,11 +18,10 @@ use crate::sample::{concat_rows, progress, rows, ImageSource};
 use crate::teacher::{self, toy_eval_of, ToyEval, TeacherConfig};
 use crate::data::{DataConfig, DataSource};
 use anyhow::{bail, Context, Result};
-use dmd_datasets::{to_pixels, ToyDistribution, ToyKind};
+use dmd_datasets::{ToyDistribution, ToyKind};
 use dmd_models::inception::{FidInception, FidPreprocess};
 use dmd_models::weights::write_atomic;
 use dmd_models::HostTensor;
-use burn::tensor::{Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -755,13 +754,8 @@ fn reference_of(cfg: &ExperimentConfig, f: &FidEval, net: &FidInception, device:
     Ok(stats)
 }
 
-/// Pool features [N * 2048] of images in the networks' [-1, 1] space, quantised to 8-bit
-/// pixels first as saved PNGs would be (EDM's generate.py + fid.py).
 fn inception_features(net: &FidInception, mode: FidPreprocess, x: &HostTensor, device: &burn::tensor::Device) -> Vec<f32> {
-    let shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
-    let px: Vec<f32> = to_pixels(&x.data).into_iter().map(f32::from).collect();
-    let f = net.features_of_pixels(Tensor::<4>::from_data(TensorData::new(px, shape), device), mode);
-    HostTensor::from_tensor(f).data
+    HostTensor::from_tensor(crate::fid::image_features(net, mode, x, device)).data
 }
 
 /// Inception statistics of `n` images drawn at random (with replacement, fixed seed) from

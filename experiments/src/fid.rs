@@ -245,6 +245,19 @@ pub fn stats_of(args: &FeatureArgs) -> Result<(FidStats, usize)> {
     Ok((acc.finish()?, acc.count()))
 }
 
+/// Pool features [B, 2048] of 8-bit pixels [B, C, H, W].
+pub fn pixel_features(net: &FidInception, mode: FidPreprocess, pixels: Vec<u8>, shape: [usize; 4], device: &burn::tensor::Device) -> Tensor<2> {
+    let x = Tensor::<4>::from_data(TensorData::new(pixels.into_iter().map(f32::from).collect::<Vec<f32>>(), shape), device);
+    net.features_of_pixels(x, mode)
+}
+
+/// Pool features [B, 2048] of images in the networks' [-1, 1] space, quantised to 8-bit
+/// pixels first as saved PNGs would be (EDM's generate.py + fid.py).
+pub fn image_features(net: &FidInception, mode: FidPreprocess, x: &HostTensor, device: &burn::tensor::Device) -> Tensor<2> {
+    let shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    pixel_features(net, mode, to_pixels(&x.data), shape, device)
+}
+
 /// Runs `net` over the images `args` names, in batches, handing each batch's pool features
 /// [B, 2048] to `f`. Returns the number of images.
 fn for_each_feature_batch(args: &FeatureArgs, net: &FidInception, f: &mut dyn FnMut(Tensor<2>) -> Result<()>) -> Result<usize> {
@@ -253,10 +266,7 @@ fn for_each_feature_batch(args: &FeatureArgs, net: &FidInception, f: &mut dyn Fn
     }
     let device = args.device.device()?;
     let mode = FidPreprocess::from(args.mode);
-    let mut add = |pixels: Vec<u8>, shape: [usize; 4]| {
-        let x = Tensor::<4>::from_data(TensorData::new(pixels.into_iter().map(f32::from).collect::<Vec<f32>>(), shape), &device);
-        f(net.features_of_pixels(x, mode))
-    };
+    let mut add = |pixels: Vec<u8>, shape: [usize; 4]| f(pixel_features(net, mode, pixels, shape, &device));
     let n = match (&args.images, &args.generator, &args.teacher) {
         (Some(path), _, _) => {
             let set = ImageDataset::open(path)?;
@@ -290,9 +300,7 @@ fn for_each_feature_batch(args: &FeatureArgs, net: &FidInception, f: &mut dyn Fn
             for start in (0..n).step_by(args.batch) {
                 let m = (start + args.batch).min(n) - start;
                 let seeds: Vec<u64> = (start as u64..(start + m) as u64).collect();
-                let x = source.samples(&seeds, None);
-                let shape = [m, x.shape[1], x.shape[2], x.shape[3]];
-                add(to_pixels(&x.data), shape)?;
+                f(image_features(net, mode, &source.samples(&seeds, None), &device))?;
                 bar.inc(m as u64);
             }
             bar.finish_and_clear();

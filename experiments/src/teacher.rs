@@ -4,7 +4,7 @@
 //! Every random draw of step `s` comes from generators seeded by (seed, s), so a resumed run
 //! repeats the uninterrupted one exactly.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, truncate_jsonl, write_dir_atomically};
+use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
@@ -204,15 +204,7 @@ fn resume_key(cfg: &TeacherConfig) -> TeacherConfig {
 /// checkpoint at the last step of a config that trains the same weights.
 pub fn finished(cfg: &TeacherConfig) -> Result<bool> {
     let run = RunDir(cfg.out_dir.clone());
-    let (Ok(saved), Ok(state)) = (std::fs::read_to_string(run.config()), std::fs::read_to_string(run.checkpoint().join("state.json"))) else {
-        return Ok(false);
-    };
-    let same = toml::from_str::<TeacherConfig>(&saved).is_ok_and(|old| resume_key(&old) == resume_key(cfg));
-    let state: TrainState = serde_json::from_str(&state).with_context(|| run.checkpoint().join("state.json").display().to_string())?;
-    if same && state.step > cfg.train.total_steps {
-        bail!("{}: the checkpoint is at step {}, past train.total_steps = {}; raise total_steps or choose another out_dir", run.0.display(), state.step, cfg.train.total_steps);
-    }
-    Ok(same && state.step == cfg.train.total_steps && run.teacher().exists())
+    run_finished(&run.0, cfg, resume_key, cfg.train.total_steps, &run.teacher())
 }
 
 pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {

@@ -176,7 +176,7 @@ mod tests {
         for (weighting, power) in [(DmWeighting::Sigma, 1), (DmWeighting::SigmaCubed, 3)] {
             let sigma = Tensor::<1>::from_data(TensorData::new(sigmas.to_vec(), [n]), &device);
             let dm = weighted_distribution_matching_loss(t4(x.clone()), sigma, t4(noise.clone()), weighting, real, fake);
-            let grad = dm.grad.into_data().to_vec::<f32>().unwrap();
+            let grad = dm.grad.into_data().try_to_vec::<f32>().unwrap();
             for i in 0..n * d {
                 let s = sigmas[i / d] as f64;
                 let x_t = x[i] as f64 + s * noise[i] as f64;
