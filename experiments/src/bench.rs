@@ -134,7 +134,7 @@ type Block = Box<dyn Fn(Tensor<4>) -> Tensor<4>>;
 fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize) -> Vec<(String, f64, f64)> {
     use burn::tensor::module::{avg_pool2d, conv2d};
     use burn::tensor::ops::{AvgPoolOptions, ConvOptions};
-    use dmd_models::nn::{silu, GroupNorm, Init};
+    use dmd_models::nn::{attention, silu, GroupNorm, Init};
     let (c, r) = (cfg.model_channels(), cfg.img_resolution);
     let (c2, r2) = (2 * c, (r / 2).max(1));
     let heads = (c2 / 64).max(1);
@@ -172,17 +172,7 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
         (
             format!("attention {heads} head(s), {c2} ch at {r2}x{r2}"),
             [batch, 3 * c2, r2, r2],
-            Box::new(move |_: &Device, _| {
-                Box::new(move |qkv: Tensor<4>| {
-                    // The same steps as UNetBlock's attention: [N*heads, ch, 3, hw] layout.
-                    let [n, _, h, w] = qkv.dims();
-                    let ch = c2 / heads;
-                    let qkv = qkv.reshape([n * heads, ch, 3, h * w]);
-                    let take = |i: usize| qkv.clone().narrow(2, i, 1).reshape([n * heads, ch, h * w]);
-                    let weights = burn::tensor::activation::softmax(take(0).swap_dims(1, 2).matmul(take(1).div_scalar((ch as f64).sqrt())), 2);
-                    take(2).matmul(weights.swap_dims(1, 2)).reshape([n, c2, h, w])
-                })
-            }),
+            Box::new(move |_: &Device, _| Box::new(move |qkv: Tensor<4>| attention(qkv, heads))),
         ),
         (
             format!("downsample 2x2 average, {c} ch at {r}x{r}"),
@@ -209,6 +199,12 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
         rows.push((name, fwd, fwd_bwd));
     }
     rows
+}
+
+/// Memory a DMD run holds whatever the batch, GiB: float32 weights of the real score, fake
+/// score and generator, plus gradients and two AdamW moments for each of the two trained ones.
+fn static_gib(params: usize) -> f64 {
+    (3 + 2 * 3) as f64 * 4.0 * params as f64 / (1u64 << 30) as f64
 }
 
 /// Relative L2 errors against the official EDM outputs: (case, error) for the denoiser and
@@ -281,15 +277,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let name = args.config.as_ref().map_or("adm_tiny".to_string(), |p| p.display().to_string());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let precision = if args.bf16 { "bf16 body" } else { "float32" };
-    // Memory a DMD run holds whatever the batch: float32 weights of the real score, fake score
-    // and generator, plus gradients and two AdamW moments for each of the two trained ones.
-    let params = EdmPrecond::new(&cfg, &Backend::Cpu.device()?, 0).num_params();
-    let static_gib = (3 + 2 * 3) as f64 * 4.0 * params as f64 / (1u64 << 30) as f64;
-    println!("# {:.1}M parameters; a DMD run's weights, gradients and AdamW moments: {static_gib:.2} GiB before activations", params as f64 / 1e6);
     println!("# dmd bench: {name}, {:?}, batch {}, {precision}, {threads} threads available; medians of {} after {} warm-up", cfg.model_type, args.batch, args.iters, args.warmup);
     println!("{:<8} {:>14} {:>20} {:>18} {:>20}", "backend", "forward (ms)", "forward (images/s)", "teacher step (ms)", "DMD iteration (ms)");
     let mut per_backend = serde_json::Map::new();
     let mut reference = serde_json::Map::new();
+    let mut params = None;
     if let Some(dir) = &args.check_reference {
         for backend in &args.backends {
             let errors = check_reference(dir, &backend.device()?)?;
@@ -302,6 +294,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for backend in &args.backends {
         let device = backend.device()?;
         let net = EdmPrecond::new(&cfg, &device, 0).with_bf16_body(args.bf16);
+        if params.is_none() {
+            params = Some(net.num_params());
+            println!("# {:.1}M parameters; a DMD run's weights, gradients and AdamW moments: {:.2} GiB before activations", net.num_params() as f64 / 1e6, static_gib(net.num_params()));
+        }
         let (x, sigma, labels, noise) = inputs(&cfg, args.batch, &device);
         let fwd_s = timed_median(args.warmup, args.iters, || {
             let _ = net.forward(x.clone(), sigma.clone(), labels.clone()).into_data();
@@ -409,7 +405,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             obj.insert("threads".into(), serde_json::json!(threads));
             obj.insert("bf16_body".into(), serde_json::json!(args.bf16));
             obj.insert("parameters".into(), serde_json::json!(params));
-            obj.insert("dmd_static_memory_gib".into(), serde_json::json!(static_gib));
+            obj.insert("dmd_static_memory_gib".into(), serde_json::json!(params.map(static_gib)));
             obj.insert("machine".into(), serde_json::json!(crate::experiment::machine()));
             obj.insert("git_commit".into(), serde_json::json!(crate::experiment::git_commit()));
             obj.insert("peak_rss_mib".into(), serde_json::json!(peak));

@@ -438,7 +438,6 @@ impl UNetBlock {
     pub fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
         let orig = x.clone();
         let x = self.conv0.forward(silu(self.norm0.forward(x)));
-        let [n, c, h, w] = x.dims();
         let params = like(self.affine.forward(emb), x.dtype()).unsqueeze_dims::<4>(&[2, 3]);
         let x = if self.adaptive_scale {
             let [scale, shift]: [Tensor<4>; 2] = params.chunk(2, 1).try_into().expect("two chunks");
@@ -456,23 +455,29 @@ impl UNetBlock {
         let (Some(norm2), Some(qkv), Some(proj)) = (&self.norm2, &self.qkv, &self.proj) else {
             return x;
         };
-        // EDM's layout: channels of qkv are (head, channel-in-head, q|k|v) interleaved.
-        let heads = self.num_heads;
-        let ch = c / heads;
-        let qkv = qkv.forward(norm2.forward(x.clone())).reshape([n * heads, ch, 3, h * w]);
-        let take = |i: usize| qkv.clone().narrow(2, i, 1).reshape([n * heads, ch, h * w]);
-        let (q, k, v) = (take(0), take(1), take(2));
-        // Attention weights in float32 whatever the body's dtype, as EDM's AttentionOp.
-        let k = k.cast(FloatDType::F32).div_scalar((ch as f64).sqrt());
-        let weights = like(softmax(q.cast(FloatDType::F32).swap_dims(1, 2).matmul(k), 2), v.dtype()); // [nh, q, k]
-        let a = v.matmul(weights.swap_dims(1, 2)); // [nh, c, q]
-        let x = proj.forward(a.reshape([n, c, h, w])) + x;
+        let a = attention(qkv.forward(norm2.forward(x.clone())), self.num_heads);
+        let x = proj.forward(a) + x;
         self.scale(x)
     }
 
     fn scale(&self, x: Tensor<4>) -> Tensor<4> {
         if self.skip_scale == 1.0 { x } else { x.mul_scalar(self.skip_scale) }
     }
+}
+
+/// Self-attention over the pixels of `qkv` [N, 3C, H, W] in EDM's channel layout (head,
+/// channel-in-head, q|k|v interleaved) with `num_heads` heads: [N, C, H, W]. The weights are
+/// computed in float32 whatever the body's dtype, as EDM's AttentionOp does.
+pub fn attention(qkv: Tensor<4>, num_heads: usize) -> Tensor<4> {
+    let [n, c3, h, w] = qkv.dims();
+    let (c, heads) = (c3 / 3, num_heads);
+    let ch = c / heads;
+    let qkv = qkv.reshape([n * heads, ch, 3, h * w]);
+    let take = |i: usize| qkv.clone().narrow(2, i, 1).reshape([n * heads, ch, h * w]);
+    let (q, k, v) = (take(0), take(1), take(2));
+    let k = k.cast(FloatDType::F32).div_scalar((ch as f64).sqrt());
+    let weights = like(softmax(q.cast(FloatDType::F32).swap_dims(1, 2).matmul(k), 2), v.dtype()); // [nh, q, k]
+    v.matmul(weights.swap_dims(1, 2)).reshape([n, c, h, w]) // [nh, c, q] -> [N, C, H, W]
 }
 
 /// Classifier-free-guidance label dropout as EDM does it: whole label vectors zeroed with
