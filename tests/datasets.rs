@@ -55,9 +55,10 @@ fn edm_folder_and_zip_with_labels() {
     assert_eq!((dz.len(), dz.shape, dz.label(2)), (3, [3, 8, 8], Some(5)));
     assert_eq!(dz.image(2).unwrap(), pixels[2]);
 
-    // A corrupt image names the dataset and the file; a missing label names the file.
+    // A corrupt image names the dataset and the file, when the dataset is opened (its header
+    // is read then); a missing label names the file.
     std::fs::write(folder.join("00000/img00000001.png"), b"garbage").unwrap();
-    let err = ImageDataset::open(&folder).unwrap().image(1).unwrap_err().to_string();
+    let err = ImageDataset::open(&folder).err().unwrap().to_string();
     assert!(err.contains("img00000001.png") && err.contains("decode"), "{err}");
     std::fs::write(folder.join("dataset.json"), r#"{"labels": [["00000/img00000000.png", 2]]}"#).unwrap();
     let err = ImageDataset::open(&folder).err().unwrap().to_string();

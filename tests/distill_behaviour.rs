@@ -38,7 +38,7 @@ num_samples = 200
         tmp.join("teacher").display()
     ))
     .unwrap();
-    let teacher = train(&teacher_cfg, false).unwrap().teacher;
+    let teacher = train(&teacher_cfg, false, false).unwrap().teacher;
 
     let dist = ToyDistribution::new(ToyKind::EightGaussians);
     let device = burn::tensor::Device::flex();
@@ -71,7 +71,7 @@ checkpoint_every = 1000
             teacher.display()
         ))
         .unwrap();
-        let out = distill(&cfg, false).unwrap();
+        let out = distill(&cfg, false, false).unwrap();
         let e = eval(&EdmPrecond::load(&out.generator, &out.generator.with_extension("json"), &device, "g").unwrap());
         eprintln!("{name}: {}", e.summary());
         e

@@ -42,7 +42,7 @@ num_steps = 18
 fn toy_teacher_learns_eight_gaussians() {
     let tmp = scratch("teacher_toy");
     let cfg: TeacherConfig = toml::from_str(&toy_config(&tmp.join("run"), 128, 2000)).unwrap();
-    let run = train(&cfg, false).unwrap();
+    let run = train(&cfg, false, false).unwrap();
     let e = run.eval.expect("toy runs are evaluated");
     eprintln!("{}", e.summary());
     let m = e.modes.as_ref().unwrap();

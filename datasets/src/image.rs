@@ -23,7 +23,7 @@ enum Source {
     /// All images in memory, CHW uint8, one after the other.
     Memory(Vec<u8>),
     Folder(PathBuf, Vec<String>),
-    Zip(PathBuf, Mutex<zip::ZipArchive<File>>, Vec<String>),
+    Zip(PathBuf, Mutex<zip::ZipArchive<ReadBudget<File>>>, Vec<String>),
 }
 
 /// A labelled or unlabelled set of equally sized uint8 images.
@@ -44,7 +44,15 @@ fn is_image(name: &str) -> bool {
 
 /// Decodes one image to CHW uint8 (grayscale stays one channel, alpha is dropped).
 pub fn decode_image(bytes: &[u8], what: &str) -> Result<(Vec<u8>, [usize; 3]), String> {
-    let img = image::load_from_memory(bytes).map_err(|e| format!("{what}: cannot decode image: {e}"))?;
+    let cannot = |e: &dyn std::fmt::Display| format!("{what}: cannot decode image: {e}");
+    // The decoder allocates the pixels its header declares before reading them: allow what
+    // the file can hold (deflate expands at most ~1032:1; low bit depths and palettes up to
+    // 32x more), at least 16 MiB, so a small corrupt file cannot claim gigabytes.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some((bytes.len() as u64).saturating_mul(4096).clamp(16 << 20, 512 << 20));
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| cannot(&e))?;
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| cannot(&e))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (c, hwc): (usize, Vec<u8>) = match img.color().channel_count() {
         1 | 2 => (1, img.into_luma8().into_raw()),
@@ -73,7 +81,7 @@ impl ImageDataset {
             (Source::Folder(path.to_path_buf(), images.clone()), images, json)
         } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("zip")) {
             let file = File::open(path).map_err(|e| err(path, e))?;
-            let mut zip = zip::ZipArchive::new(file).map_err(|e| err(path, format!("not a readable zip: {e}")))?;
+            let mut zip = open_zip(file).map_err(|e| err(path, format!("not a readable zip: {e}")))?;
             let mut names: Vec<String> = zip.file_names().map(str::to_string).collect();
             names.sort();
             let json = match zip.by_name("dataset.json") {
@@ -103,14 +111,23 @@ impl ImageDataset {
         let mut ds = Self { source, shape: [0; 3], labels, label_dim, name };
         let (_, shape) = ds.decode(0)?;
         ds.shape = shape;
+        // The other images' sizes and channels from their headers, so that a file of another
+        // shape, or one that is no image, is found now rather than mid-training.
+        for i in 1..ds.len() {
+            if let Some(shape) = ds.peek_shape(i)? {
+                if shape != ds.shape {
+                    return Err(ds.shape_mismatch(i, shape));
+                }
+            }
+        }
         Ok(ds)
     }
 
     /// MNIST-style IDX files (optionally gzipped): images `[n, rows, cols]` and labels `[n]`.
     pub fn from_idx(images: &Path, labels: Option<&Path>, label_dim: usize) -> Result<Self, DataError> {
         let (dims, pixels) = read_idx(images)?;
-        if dims.len() != 3 {
-            return Err(err(images, format!("expected 3-D image data [n, rows, cols], found {dims:?}")));
+        if dims.len() != 3 || dims[1] == 0 || dims[2] == 0 {
+            return Err(err(images, format!("expected 3-D image data [n, rows, cols] with rows, cols > 0, found {dims:?}")));
         }
         let n = dims[0];
         let labels = match labels {
@@ -176,10 +193,60 @@ impl ImageDataset {
     pub fn image(&self, i: usize) -> Result<Vec<u8>, DataError> {
         let (px, shape) = self.decode(i)?;
         if shape != self.shape {
-            return Err(err(&self.name, format!("image {i} has shape {shape:?}, the dataset's first image {:?}", self.shape)));
+            return Err(self.shape_mismatch(i, shape));
         }
         Ok(px)
     }
+
+    fn shape_mismatch(&self, i: usize, shape: [usize; 3]) -> DataError {
+        let msg = |what: &str| format!("{what} has shape {shape:?}, the dataset's first image {:?}", self.shape);
+        match &self.source {
+            Source::Memory(_) => err(&self.name, msg(&format!("image {i}"))),
+            Source::Folder(root, names) => err(root, msg(&names[i])),
+            Source::Zip(path, _, names) => err(path, msg(&names[i])),
+        }
+    }
+
+    /// Image `i`'s [C, H, W] from the first bytes of its file (see [`header_shape`]).
+    fn peek_shape(&self, i: usize) -> Result<Option<[usize; 3]>, DataError> {
+        let mut head = Vec::with_capacity(32);
+        match &self.source {
+            Source::Memory(_) => Ok(Some(self.shape)),
+            Source::Folder(root, names) => {
+                let path = root.join(&names[i]);
+                File::open(&path).and_then(|f| f.take(32).read_to_end(&mut head)).map_err(|e| err(&path, e))?;
+                header_shape(&head, &names[i]).map_err(|m| err(root, m))
+            }
+            Source::Zip(path, zip, names) => {
+                let mut zip = zip.lock().expect("zip lock");
+                let f = zip.by_name(&names[i]).map_err(|e| err(path, format!("{}: {e}", names[i])))?;
+                f.take(32).read_to_end(&mut head).map_err(|e| err(path, format!("{}: {e}", names[i])))?;
+                header_shape(&head, &names[i]).map_err(|m| err(path, m))
+            }
+        }
+    }
+}
+
+/// The [C, H, W] that [`decode_image`] will give, from an image file's first bytes: a PNG's
+/// IHDR chunk; `None` for the other formats the decoder recognises (checked when decoded).
+fn header_shape(head: &[u8], what: &str) -> Result<Option<[usize; 3]>, String> {
+    if !head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return match image::guess_format(head) {
+            Ok(_) => Ok(None),
+            Err(e) => Err(format!("{what}: cannot decode image: {e}")),
+        };
+    }
+    if head.len() < 26 || &head[12..16] != b"IHDR" {
+        return Err(format!("{what}: cannot decode image: truncated or corrupt PNG header"));
+    }
+    let dim = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]) as usize;
+    // Gray and gray + alpha decode to one channel, RGB, palette and RGBA to three.
+    let c = match head[25] {
+        0 | 4 => 1,
+        2 | 3 | 6 => 3,
+        t => return Err(format!("{what}: cannot decode image: PNG colour type {t} does not exist")),
+    };
+    Ok(Some([c, dim(20), dim(16)]))
 }
 
 /// EDM's conversion to the network's space: x / 127.5 - 1.
@@ -204,6 +271,9 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Res
     Ok(())
 }
 
+/// Labels are class indices below this (the networks take one-hot vectors of that length).
+const MAX_CLASSES: u64 = 1 << 24;
+
 /// `{"labels": [["00000/img00000000.png", 6], ...]}` (or `null`) in EDM's `dataset.json`.
 fn parse_labels(text: &str, names: &[String]) -> Result<Option<Vec<usize>>, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
@@ -217,6 +287,9 @@ fn parse_labels(text: &str, names: &[String]) -> Result<Option<Vec<usize>>, Stri
         let pair = item.as_array().filter(|a| a.len() == 2).ok_or_else(|| format!("bad entry {item}: expected [file, label]"))?;
         let fname = pair[0].as_str().ok_or_else(|| format!("bad file name in {item}"))?;
         let label = pair[1].as_u64().ok_or_else(|| format!("bad label in {item}: expected a non-negative integer"))?;
+        if label >= MAX_CLASSES {
+            return Err(format!("bad label in {item}: at most {MAX_CLASSES} classes are supported"));
+        }
         map.insert(fname.replace('\\', "/"), label as usize);
     }
     names
@@ -226,12 +299,99 @@ fn parse_labels(text: &str, names: &[String]) -> Result<Option<Vec<usize>>, Stri
         .map(Some)
 }
 
+/// A reader that fails after `left` bytes (seeks are free); `u64::MAX` is no limit.
+pub struct ReadBudget<R> {
+    inner: R,
+    left: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for ReadBudget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let left = self.left.load(Relaxed);
+        if left == 0 && !buf.is_empty() {
+            return Err(std::io::Error::other("read budget exhausted"));
+        }
+        let most = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..most])?;
+        if left != u64::MAX {
+            self.left.store(left - n as u64, Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Seek> std::io::Seek for ReadBudget<R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Opens a zip archive (EDM's datasets, numpy's `.npz`) with bounded work. When the last end of
+/// central directory record is bad, the zip crate tries every earlier "PK\x05\x06" in the file,
+/// rescanning the file for each: a crafted file of a few hundred kilobytes keeps it busy for
+/// minutes. So opening may read the file at most 4 times over (a good archive reads its end and
+/// its central directory once); the entries are read without limit afterwards. The crate also
+/// reserves memory for the entries the record declares, so that count is checked first against
+/// the room its central directory has (46 bytes an entry at least).
+pub fn open_zip(file: File) -> Result<zip::ZipArchive<ReadBudget<File>>, String> {
+    use std::io::{Seek, SeekFrom};
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let mut file = file;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    // The record lies in the last 22 + 65535 (comment) bytes.
+    let tail_len = len.min(22 + 65535);
+    let mut tail = vec![0u8; tail_len as usize];
+    file.seek(SeekFrom::End(-(tail_len as i64))).and_then(|_| file.read_exact(&mut tail)).map_err(|e| e.to_string())?;
+    let at = (0..tail.len().saturating_sub(21)).rev().find(|&i| tail[i..].starts_with(b"PK\x05\x06")).ok_or("no end of central directory record")?;
+    let u16_at = |b: &[u8], i: usize| u64::from(u16::from_le_bytes([b[i], b[i + 1]]));
+    let u32_at = |b: &[u8], i: usize| u64::from(u32::from_le_bytes(b[i..i + 4].try_into().unwrap()));
+    // (Entries on this disk and in all: the crate may take either.)
+    let (mut entries, mut cd_size) = (u16_at(&tail, at + 8).max(u16_at(&tail, at + 10)), u32_at(&tail, at + 12));
+    let mut known = true;
+    if entries == 0xffff || cd_size == 0xffff_ffff || u32_at(&tail, at + 16) == 0xffff_ffff {
+        // Zip64: the locator just before the record names the zip64 record (when it is not
+        // where the locator says, as after prepended data, the crate is left to find it).
+        if let Some(loc) = at.checked_sub(20).filter(|&l| tail[l..].starts_with(b"PK\x06\x07")) {
+            known = false;
+            let off = u32_at(&tail, loc + 8) | (u32_at(&tail, loc + 12) << 32);
+            let mut rec = [0u8; 56];
+            if off.checked_add(56).is_some_and(|end| end <= len) && file.seek(SeekFrom::Start(off)).and_then(|_| file.read_exact(&mut rec)).is_ok() && rec.starts_with(b"PK\x06\x06") {
+                entries = (u32_at(&rec, 24) | (u32_at(&rec, 28) << 32)).max(u32_at(&rec, 32) | (u32_at(&rec, 36) << 32));
+                cd_size = u32_at(&rec, 40) | (u32_at(&rec, 44) << 32);
+                known = true;
+            }
+        }
+    }
+    if known && (cd_size > len || entries.saturating_mul(46) > cd_size) {
+        return Err(format!("the archive declares {entries} entries in a central directory of {cd_size} bytes (file of {len} bytes)"));
+    }
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    let left = std::sync::Arc::new(AtomicU64::new(len.saturating_mul(4).saturating_add(1 << 20)));
+    let zip = zip::ZipArchive::new(ReadBudget { inner: file, left: left.clone() }).map_err(|e| match left.load(Relaxed) {
+        0 => "no valid central directory (gave up after reading the file 4 times over)".to_string(),
+        _ => e.to_string(),
+    })?;
+    left.store(u64::MAX, Relaxed);
+    Ok(zip)
+}
+
 /// Reads an IDX file (`.gz` or raw): dims and uint8 data.
 pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let raw = std::fs::read(path).map_err(|e| err(path, e))?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        // The header, then at most the data it declares and one byte more (which shows excess
+        // data), and never more than deflate can expand the file to (about 1032:1): a small
+        // file cannot make us inflate without bound.
+        let corrupt = |e: std::io::Error| err(path, format!("corrupt gzip: {e}"));
+        let mut gz = GzDecoder::new(&raw[..]);
         let mut out = Vec::new();
-        GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| err(path, format!("corrupt gzip: {e}")))?;
+        (&mut gz).take(4).read_to_end(&mut out).map_err(corrupt)?;
+        let ndim = out.get(3).map_or(0, |&d| u64::from(d));
+        (&mut gz).take(4 * ndim).read_to_end(&mut out).map_err(corrupt)?;
+        let declared = out.get(4..).unwrap_or_default().chunks_exact(4).try_fold(1u64, |n, d| n.checked_mul(u64::from(u32::from_be_bytes(d.try_into().unwrap()))));
+        let most = (raw.len() as u64).saturating_mul(1100).saturating_add(1 << 20);
+        (&mut gz).take(declared.map_or(0, |n| n.saturating_add(1)).min(most)).read_to_end(&mut out).map_err(corrupt)?;
         out
     } else {
         raw
@@ -247,9 +407,10 @@ pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let n: usize = dims.iter().product();
-    if bytes.len() != header + n {
-        return Err(err(path, format!("IDX data has {} bytes, dims {dims:?} need {n}", bytes.len() - header)));
+    let n = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if n != Some(bytes.len() - header) {
+        let need = n.map_or("more than 2^64".into(), |n| n.to_string());
+        return Err(err(path, format!("IDX data has {} bytes, dims {dims:?} need {need}", bytes.len() - header)));
     }
     Ok((dims, bytes[header..].to_vec()))
 }

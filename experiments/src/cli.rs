@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// Override the config's number of training steps.
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Continue a run folder whose recorded config differs from this one (the differing
+    /// fields are printed); without it such a resume is refused.
+    #[arg(long)]
+    pub force_resume: bool,
 }
 
 impl RunArgs {
@@ -70,13 +74,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainTeacher(a) => {
             let mut cfg = teacher::TeacherConfig::from_file(&a.config)?;
             a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
-            teacher::train(&cfg, true).map(|_| ())
+            teacher::train(&cfg, true, a.force_resume).map(|_| ())
         }
         Command::MakePairs(args) => pairs::run(&args),
         Command::Distill(a) => {
             let mut cfg = distill::DistillConfig::from_file(&a.config)?;
             a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
-            distill::distill(&cfg, true).map(|_| ())
+            distill::distill(&cfg, true, a.force_resume).map(|_| ())
         }
         Command::EvalToy(args) => teacher::eval_toy_cmd(&args),
         Command::Grid(args) => sample::grid(&args),

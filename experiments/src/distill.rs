@@ -9,7 +9,7 @@
 //! multi-step generators on their own samples (backward simulation). One training step is
 //! [`Distiller::step`], top to bottom.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically};
+use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::ema_update;
@@ -158,6 +158,11 @@ pub struct DistillTrainConfig {
     pub checkpoint_every: usize,
     /// Write a sample grid (scatter plot for 2-D points) of the generator this often; 0: never.
     pub sample_every: usize,
+    /// Checkpoints kept: the latest plus `keep_checkpoints - 1` older ones in `checkpoint.history/`.
+    pub keep_checkpoints: usize,
+    /// An update whose loss or gradient is NaN/Inf is skipped; this many steps in a row with one
+    /// stop the run.
+    pub max_nonfinite_in_a_row: usize,
 }
 
 impl Default for DistillTrainConfig {
@@ -179,6 +184,8 @@ impl Default for DistillTrainConfig {
             log_every: 100,
             checkpoint_every: 1000,
             sample_every: 1000,
+            keep_checkpoints: 2,
+            max_nonfinite_in_a_row: 10,
         }
     }
 }
@@ -239,6 +246,9 @@ impl DistillConfig {
         if t.batch_size == 0 || t.total_steps == 0 || t.fake_updates_per_generator_update == 0 || t.log_every == 0 || t.checkpoint_every == 0 {
             bail!("train: batch_size, total_steps, fake_updates_per_generator_update, log_every and checkpoint_every must be positive");
         }
+        if t.keep_checkpoints == 0 || t.max_nonfinite_in_a_row == 0 {
+            bail!("train.keep_checkpoints and train.max_nonfinite_in_a_row must be positive");
+        }
         if self.loss.regression != Regression::None && self.loss.regression_weight > 0.0 && self.pairs.is_none() {
             bail!("loss.regression = {:?} needs `pairs` (a folder from `dmd make-pairs`)", self.loss.regression);
         }
@@ -271,6 +281,24 @@ impl DistillConfig {
         }
         if g.steps > 1 && !g.backward_simulation && self.data.is_none() {
             bail!("a multi-step generator without backward_simulation trains on noised real images: give `data`");
+        }
+        if !(t.generator_lr > 0.0 && t.generator_lr.is_finite() && t.fake_lr > 0.0 && t.fake_lr.is_finite()) {
+            bail!("train.generator_lr and train.fake_lr must be positive, got {} and {}", t.generator_lr, t.fake_lr);
+        }
+        if !(t.weight_decay >= 0.0 && t.grad_clip >= 0.0) || t.adam_betas.iter().chain(t.ema_decay.as_ref()).any(|b| !(0.0..1.0).contains(b)) {
+            bail!("train: weight_decay and grad_clip must not be negative, adam_betas and ema_decay must lie in [0, 1)");
+        }
+        let gr = &self.grid;
+        // A bound well past any schedule in use (DMD/DMD2: 1000), so that a typo cannot make
+        // the noise grid a multi-gigabyte allocation.
+        if gr.num_timesteps > 1_000_000 {
+            bail!("grid.num_timesteps = {} is more than 1000000", gr.num_timesteps);
+        }
+        if !(gr.sigma_min > 0.0 && gr.sigma_max > gr.sigma_min && gr.sigma_max.is_finite() && gr.rho > 0.0) {
+            bail!("need 0 < grid.sigma_min < grid.sigma_max < inf and grid.rho > 0, got grid.sigma_min = {}, grid.sigma_max = {}, grid.rho = {}", gr.sigma_min, gr.sigma_max, gr.rho);
+        }
+        if !(0.0 <= gr.min_step_percent && gr.min_step_percent < gr.max_step_percent && gr.max_step_percent <= 1.0) {
+            bail!("need 0 <= grid.min_step_percent < grid.max_step_percent <= 1, got {} and {}", gr.min_step_percent, gr.max_step_percent);
         }
         let (lo, hi) = self.grid.dm_range();
         if lo >= hi || self.grid.num_timesteps < 2 {
@@ -342,6 +370,17 @@ pub struct StepStats {
     pub fake_loss: f64,
     pub gan_discriminator_loss: Option<f64>,
     pub fake_grad_norm: f64,
+    /// What was not finite when an update was skipped (none: both applied).
+    pub nonfinite: Option<String>,
+}
+
+impl StepStats {
+    fn add_nonfinite(&mut self, what: String) {
+        self.nonfinite = Some(match self.nonfinite.take() {
+            Some(first) => format!("{first} and {what}"),
+            None => what,
+        });
+    }
 }
 
 /// DMD2's GAN classifier: the head on the fake score's bottleneck and its optimiser (its real
@@ -645,18 +684,28 @@ impl Distiller {
                 stats.regression_loss = Some(reg.clone().into_scalar::<f64>());
                 add(reg, loss_cfg.regression_weight);
             }
+            // A NaN/Inf loss or gradient skips the update (weights, EMA, optimiser untouched).
+            let mut applied = true;
             if let Some(total) = total.take() {
                 let value = total.clone().into_scalar::<f64>();
-                if !value.is_finite() {
-                    bail!("step {step}: the generator loss is {value}; stopping before the weights are damaged");
+                if value.is_finite() {
+                    let mut grads = GradientsParams::from_grads(total.backward(), &self.generator);
+                    let norm = clip_grad_norm(&mut grads, &self.generator, tr.grad_clip);
+                    stats.generator_grad_norm = Some(norm);
+                    if norm.is_finite() {
+                        let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
+                        self.generator = self.generator_optim.step(lr, self.generator.clone(), grads);
+                    } else {
+                        stats.nonfinite = Some(format!("generator gradient norm {norm}"));
+                        applied = false;
+                    }
+                } else {
+                    stats.nonfinite = Some(format!("generator loss {value}"));
+                    applied = false;
                 }
-                let mut grads = GradientsParams::from_grads(total.backward(), &self.generator);
-                stats.generator_grad_norm = Some(clip_grad_norm(&mut grads, &self.generator, tr.grad_clip));
-                let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
-                self.generator = self.generator_optim.step(lr, self.generator.clone(), grads);
             }
             generated = Some((x.detach(), labels));
-            if let (Some(ema), Some(decay)) = (self.generator_ema.take(), tr.ema_decay) {
+            if let (true, Some(ema), Some(decay)) = (applied, self.generator_ema.take(), tr.ema_decay) {
                 self.generator_ema = Some(ema_update(ema, &self.generator, decay));
             }
         }
@@ -684,7 +733,8 @@ impl Distiller {
         }
         let value = loss.clone().into_scalar::<f64>();
         if !value.is_finite() {
-            bail!("step {step}: the fake-score loss is {value}; stopping before the weights are damaged");
+            stats.add_nonfinite(format!("fake-score loss {value}"));
+            return Ok(stats);
         }
         let mut grads = loss.backward();
         let mut fake_grads = GradientsParams::from_module(&mut grads, &self.fake);
@@ -695,9 +745,15 @@ impl Distiller {
                 // guidance model (both) as a whole.
                 let mut head_grads = GradientsParams::from_module(&mut grads, &gan.head);
                 stats.fake_grad_norm = clip_grad_norm_joint(&mut fake_grads, &self.fake, &mut head_grads, &gan.head, tr.grad_clip);
-                gan.head = gan.optim.step(lr, gan.head.clone(), head_grads);
+                if stats.fake_grad_norm.is_finite() {
+                    gan.head = gan.optim.step(lr, gan.head.clone(), head_grads);
+                }
             }
             None => stats.fake_grad_norm = clip_grad_norm(&mut fake_grads, &self.fake, tr.grad_clip),
+        }
+        if !stats.fake_grad_norm.is_finite() {
+            stats.add_nonfinite(format!("fake-score gradient norm {}", stats.fake_grad_norm));
+            return Ok(stats);
         }
         self.fake = self.fake_optim.step(lr, self.fake.clone(), fake_grads);
         Ok(stats)
@@ -709,8 +765,13 @@ impl Distiller {
         self.generator_ema.clone().unwrap_or_else(|| self.generator.valid()).with_bf16_body(false)
     }
 
-    fn save(&self, dir: &Path, step: usize) -> Result<()> {
-        write_dir_atomically(dir, |tmp| {
+    /// The checkpoint: every network, head and optimiser, the EMA, the config, and the state
+    /// (the step is the position of the learning-rate schedule, of the data and of every RNG:
+    /// step `s` draws from generators seeded with `step_seed(seed, s, stream)`).
+    fn save(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard) -> Result<()> {
+        let tr = &self.cfg.train;
+        write_dir_atomically(dir, tr.keep_checkpoints, |tmp| {
+            std::fs::write(tmp.join("config.toml"), toml::to_string_pretty(&self.cfg)?)?;
             self.generator.save(&tmp.join("generator.safetensors"))?;
             self.fake.save(&tmp.join("fake.safetensors"))?;
             if let Some(ema) = &self.generator_ema {
@@ -725,7 +786,14 @@ impl Distiller {
                 let p = tmp.join(format!("{name}_optim.bpk"));
                 opt.save(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))?;
             }
-            std::fs::write(tmp.join("state.json"), serde_json::json!({ "step": step }).to_string())?;
+            let state = serde_json::json!({
+                "step": step,
+                "seed": tr.seed,
+                "generator_lr": warmup_lr(tr.generator_lr, step.saturating_sub(1), tr.warmup_steps),
+                "fake_lr": warmup_lr(tr.fake_lr, step.saturating_sub(1), tr.warmup_steps),
+                "skipped_steps": nonfinite.skipped_steps,
+            });
+            std::fs::write(tmp.join("state.json"), state.to_string())?;
             Ok(())
         })
     }
@@ -775,6 +843,8 @@ fn resume_key(cfg: &DistillConfig) -> DistillConfig {
     c.train.log_every = 0;
     c.train.checkpoint_every = 0;
     c.train.sample_every = 0;
+    c.train.keep_checkpoints = 0;
+    c.train.max_nonfinite_in_a_row = 0;
     c.eval = DistillEvalConfig::default();
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
@@ -787,21 +857,32 @@ pub fn finished(cfg: &DistillConfig) -> Result<bool> {
     run_finished(&cfg.out_dir, cfg, resume_key, cfg.train.total_steps, &cfg.out_dir.join("generator.safetensors"))
 }
 
-pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
+/// Distils (or resumes) the run of `cfg`; `force_resume` continues a run folder made with a
+/// different config.
+pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> Result<DistillRun> {
     let out = &cfg.out_dir;
+    // A new run checks its inputs (teacher, pairs, data) before it creates its folder.
+    let fresh = if out.exists() { None } else { Some(Distiller::new(cfg, None)?) };
     std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
     let saved = out.join("config.toml");
     let previous = if saved.exists() { Some(DistillConfig::from_file(&saved)?) } else { None };
-    guard_config(&saved, cfg, previous, resume_key)?;
+    guard_config(&saved, cfg, previous, resume_key, force_resume)?;
     let ckpt = out.join("checkpoint");
     recover(&ckpt)?;
-    let (mut d, start) = if ckpt.join("state.json").exists() {
-        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
-        let step = state["step"].as_u64().context("checkpoint/state.json: no step")? as usize;
+    let (mut d, start, mut nonfinite) = if ckpt.join("state.json").exists() {
+        let state_path = ckpt.join("state.json");
+        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path)?).with_context(|| state_path.display().to_string())?;
+        let step = state["step"].as_u64().with_context(|| format!("{}: no `step`", state_path.display()))? as usize;
+        let guard = NonFiniteGuard::resumed(state["skipped_steps"].as_u64().unwrap_or(0));
+        let d = Distiller::new(cfg, Some(&ckpt))?;
         eprintln!("resuming {} from step {step}", out.display());
-        (Distiller::new(cfg, Some(&ckpt))?, step)
+        (d, step, guard)
     } else {
-        (Distiller::new(cfg, None)?, 0)
+        let d = match fresh {
+            Some(d) => d,
+            None => Distiller::new(cfg, None)?,
+        };
+        (d, 0, NonFiniteGuard::default())
     };
     let metrics = out.join("metrics.jsonl");
     truncate_jsonl(&metrics, start)?;
@@ -824,7 +905,15 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
     let mut window: Vec<StepStats> = Vec::new();
     let mut t0 = Instant::now();
     for step in start..tr.total_steps {
-        window.push(d.step(step)?);
+        let stats = d.step(step)?;
+        match &stats.nonfinite {
+            None => nonfinite.finite(),
+            Some(what) => {
+                bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
+                nonfinite.skipped(step, what, tr.max_nonfinite_in_a_row, &ckpt)?;
+            }
+        }
+        window.push(stats);
         let done = step + 1;
         bar.inc(1);
         if done % tr.log_every == 0 || done == tr.total_steps {
@@ -844,14 +933,16 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool) -> Result<DistillRun> {
                 "generator_lr": warmup_lr(tr.generator_lr, step, tr.warmup_steps),
                 "fake_lr": warmup_lr(tr.fake_lr, step, tr.warmup_steps),
                 "samples_per_s": (window.len() * tr.batch_size) as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                "skipped_steps": nonfinite.skipped_steps,
             });
             append_jsonl(&metrics, &line)?;
             bar.set_message(format!("distill fake loss {:.4}", mean(&|s| Some(s.fake_loss)).unwrap_or(0.0)));
             window.clear();
             t0 = Instant::now();
         }
-        if done % tr.checkpoint_every == 0 || done == tr.total_steps {
-            d.save(&ckpt, done)?;
+        // No checkpoint inside a streak of skipped steps: the one kept stays the last good one.
+        if (done % tr.checkpoint_every == 0 && nonfinite.in_a_row == 0) || done == tr.total_steps {
+            d.save(&ckpt, done, &nonfinite)?;
         }
         if tr.sample_every > 0 && (done % tr.sample_every == 0 || done == tr.total_steps) {
             let png = preview(&d.sampling_generator(), &d.device, &d.generator_sigmas, cfg.eval.seed)?;

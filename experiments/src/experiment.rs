@@ -9,6 +9,7 @@
 //! teacher's training config by path (`[teacher] train = "file.toml"`), and be changed from the
 //! command line (`--set distill.train.batch_size=2`).
 
+use crate::checkpoint::toml_error;
 use crate::device::Backend;
 use crate::distill::{self, generator_sigmas_of, DistillConfig};
 use crate::fid::{frechet_distance, FidMode, FidStats, StatsAccumulator};
@@ -179,7 +180,13 @@ fn inline_teacher_config(table: &mut toml::Table, dir: &Path) -> Result<()> {
 
 fn read_table(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), toml_error(&text, &e, true)))
+}
+
+/// Deserialises a merged table through its TOML text, so that an error names the key at fault.
+fn from_merged<T: serde::de::DeserializeOwned>(table: toml::Table) -> Result<T> {
+    let text = toml::to_string(&table)?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", toml_error(&text, &e, false)))
 }
 
 fn read_with_base(path: &Path, depth: usize) -> Result<toml::Table> {
@@ -226,6 +233,11 @@ pub fn set_override(table: &mut toml::Table, spec: &str) -> Result<()> {
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.trim().split('.').collect();
+    // Config keys nest a few levels; thousands would be a table nested as deep, which the
+    // deserialiser and drop walk recursively (a stack overflow).
+    if parts.len() > 16 {
+        bail!("--set {key}: more than 16 levels of keys");
+    }
     let mut cur = table;
     for p in &parts[..parts.len() - 1] {
         let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -240,7 +252,7 @@ pub fn set_override(table: &mut toml::Table, spec: &str) -> Result<()> {
 
 impl ExperimentConfig {
     pub fn from_table(table: toml::Table, what: &str) -> Result<Self> {
-        let cfg: Self = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{what}: {}", e.message()))?;
+        let cfg: Self = from_merged(table).with_context(|| what.to_string())?;
         cfg.validate().with_context(|| what.to_string())?;
         Ok(cfg)
     }
@@ -254,6 +266,9 @@ impl ExperimentConfig {
             (Some(_), Some(_)) => bail!("teacher: give `train` or `weights`, not both"),
             (None, None) => bail!("teacher: give `train` (a dmd train-teacher config) or `weights` (an EDM network)"),
             _ => {}
+        }
+        if let Some(t) = &self.teacher.train {
+            t.validate().context("teacher.train")?;
         }
         if self.eval.toy.is_some() && self.eval.fid.is_some() {
             bail!("eval: give `toy` or `fid`, not both");
@@ -312,7 +327,7 @@ impl ExperimentConfig {
         if let toml::Value::Table(tt) = teacher {
             tt.entry("weights").or_insert_with(|| toml::Value::String(self.teacher_weights().display().to_string()));
         }
-        let cfg: DistillConfig = toml::Value::Table(t).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("distill: {}", e.message()))?;
+        let cfg: DistillConfig = from_merged(t).context("distill")?;
         cfg.validate().context("distill")?;
         Ok(cfg)
     }
@@ -361,6 +376,10 @@ pub struct CommonArgs {
     /// Stop after this stage (the later stages are not run).
     #[arg(long, value_enum, default_value = "eval")]
     pub until: Stage,
+    /// Continue interrupted stages whose recorded config differs from the new one (the
+    /// differing fields are printed); without it they are refused.
+    #[arg(long)]
+    pub force_resume: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
@@ -516,9 +535,14 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 
 /// Runs an experiment's stages and writes its results folder. Returns the metrics (None when
 /// stopped before the evaluation).
-pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: Stage) -> Result<Option<ExperimentMetrics>> {
+pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: Stage, force_resume: bool) -> Result<Option<ExperimentMetrics>> {
     let mut stages = std::collections::BTreeMap::new();
     let results = cfg.results_dir();
+    let teacher = cfg.teacher_weights();
+    // Checked before anything is written (the reference statistics need no teacher).
+    if cfg.teacher.train.is_none() && !teacher.exists() && until != Stage::Reference {
+        bail!("teacher.weights: {} does not exist (convert EDM's pickle with tools/edm_to_safetensors.py)", teacher.display());
+    }
     std::fs::create_dir_all(&results).with_context(|| results.display().to_string())?;
     let resolved = toml::to_string_pretty(table)?;
     let config_hash = fnv_hex(&resolved);
@@ -536,14 +560,11 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
     }
 
     // 1. Teacher.
-    let teacher = cfg.teacher_weights();
     if let Some(tc) = cfg.teacher_config() {
         let done = teacher::finished(&tc)?;
-        let (_, s) = timed(|| if done { Ok(()) } else { teacher::train(&tc, true).map(|_| ()) })?;
+        let (_, s) = timed(|| if done { Ok(()) } else { teacher::train(&tc, true, force_resume).map(|_| ()) })?;
         eprintln!("teacher: {} ({})", teacher.display(), if done { "done earlier" } else { "trained" });
         stages.insert("teacher".into(), stage_time(&tc.out_dir, (!done).then_some(s))?);
-    } else if !teacher.exists() {
-        bail!("teacher.weights: {} does not exist (convert EDM's pickle with tools/edm_to_safetensors.py)", teacher.display());
     }
     let teacher_fp = file_fingerprint(&teacher)?;
     if until == Stage::Teacher {
@@ -576,7 +597,7 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
     let dcfg = cfg.distill_config()?;
     check_teacher_stamp(&dcfg.out_dir, &teacher_fp)?;
     let done = distill::finished(&dcfg)?;
-    let (_, s) = timed(|| if done { Ok(()) } else { distill::distill(&dcfg, true).map(|_| ()) })?;
+    let (_, s) = timed(|| if done { Ok(()) } else { distill::distill(&dcfg, true, force_resume).map(|_| ()) })?;
     stages.insert("distill".into(), stage_time(&dcfg.out_dir, (!done).then_some(s))?);
     let generator = dcfg.out_dir.join("generator.safetensors");
     if until == Stage::Distill {
@@ -945,7 +966,7 @@ pub fn ablate(args: &AblateArgs) -> Result<()> {
         let table = load_table(path, &set)?;
         let cfg = ExperimentConfig::from_table(table.clone(), &path.display().to_string())?;
         let command = rerun_command("run", &sh_quote(&path.display().to_string()), &set);
-        if let Some(m) = run(&cfg, &table, &command, args.common.until)? {
+        if let Some(m) = run(&cfg, &table, &command, args.common.until, args.common.force_resume)? {
             all.push(m);
         }
     }
@@ -976,7 +997,7 @@ pub fn run_cmd(args: &RunExperimentArgs) -> Result<()> {
     let table = load_table(&args.config, &set)?;
     let cfg = ExperimentConfig::from_table(table.clone(), &args.config.display().to_string())?;
     let command = rerun_command("run", &sh_quote(&args.config.display().to_string()), &set);
-    run(&cfg, &table, &command, args.common.until).map(|_| ())
+    run(&cfg, &table, &command, args.common.until, args.common.force_resume).map(|_| ())
 }
 
 /// `dmd SUB ARGS --set ...`, each override quoted for a POSIX shell.

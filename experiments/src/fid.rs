@@ -29,10 +29,22 @@ impl FidStats {
 
     /// Reads EDM's / pytorch-fid's statistics file (`mu` [D], `sigma` [D, D]).
     pub fn read_npz(path: &Path) -> Result<Self> {
+        use std::io::Read;
         let p = path.display();
-        let mut npz = npyz::npz::NpzArchive::open(path).with_context(|| format!("{p}: not a readable .npz"))?;
+        let file = std::fs::File::open(path).with_context(|| format!("{p}: not a readable .npz"))?;
+        let file_len = file.metadata().map_or(0, |m| m.len());
+        let mut npz = dmd_datasets::image::open_zip(file).map_err(|e| anyhow::anyhow!("{p}: not a readable .npz: {e}"))?;
         let mut get = |name: &str| -> Result<(Vec<u64>, Vec<f64>)> {
-            let arr = npz.by_name(name).with_context(|| format!("{p}: cannot read `{name}`"))?.with_context(|| format!("{p}: no array `{name}`"))?;
+            let mut member = match npz.by_name(&format!("{name}.npy")) {
+                Ok(m) => m,
+                Err(zip::result::ZipError::FileNotFound) => bail!("{p}: no array `{name}`"),
+                Err(e) => return Err(e).with_context(|| format!("{p}: cannot read `{name}`")),
+            };
+            // At most what deflate can expand the whole file to (about 1032:1).
+            let mut bytes = Vec::new();
+            (&mut member).take(file_len.saturating_mul(1100)).read_to_end(&mut bytes).with_context(|| format!("{p}: cannot read `{name}`"))?;
+            check_npy_header(&bytes).map_err(|e| anyhow::anyhow!("{p}: cannot read `{name}`: {e}"))?;
+            let arr = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{p}: cannot read `{name}`"))?;
             let shape = arr.shape().to_vec();
             let data: Vec<f64> = match arr.dtype() {
                 npyz::DType::Plain(t) if t.size_field() == 4 => arr.into_vec::<f32>().map(|v| v.into_iter().map(f64::from).collect()),
@@ -65,6 +77,56 @@ impl FidStats {
         let bytes = zip.finish()?.into_inner();
         write_atomic(path, &bytes).with_context(|| path.display().to_string())
     }
+}
+
+/// Checks a `.npy` header before npyz, which trusts it, parses it: a length field past the
+/// data (allocated up front), a deeply nested literal (parsed recursively) or a shape whose
+/// size overflows would allocate without bound, overflow the stack or panic. numpy itself
+/// reads headers of at most 10000 bytes; the shape must be a tuple of plain integers whose
+/// size fits in the data that follows.
+fn check_npy_header(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("not a .npy array (no magic string)".into());
+    }
+    let (len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        v => return Err(format!(".npy format version {v} is not supported")),
+    };
+    if len > 10_000 {
+        return Err(format!("header of {len} bytes (numpy reads at most 10000)"));
+    }
+    let header = bytes.get(start..start + len).ok_or_else(|| format!("header of {len} bytes, the array has {}", bytes.len() - start))?;
+    let header = std::str::from_utf8(header).map_err(|_| "header is not text".to_string())?;
+    if header.contains('\\') {
+        return Err("header has escape sequences".into());
+    }
+    let mut depth = 0usize;
+    for c in header.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > 4 {
+            return Err("header nests too deep".into());
+        }
+    }
+    let data = (bytes.len() - start - len) as u128;
+    for (at, _) in header.match_indices("shape") {
+        let value = header[at + 5..].trim_start_matches(['\'', '"']).trim_start().strip_prefix(':').map(str::trim_start);
+        let dims = value.and_then(|v| v.strip_prefix(['(', '['])).and_then(|v| v.split_once([')', ']'])).map(|(d, _)| d);
+        let dims = dims.ok_or("`shape` is not a tuple")?;
+        let mut size: u128 = 1;
+        for d in dims.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let d: u64 = d.trim_end_matches('L').parse().map_err(|_| format!("shape ({dims}) is not a tuple of integers"))?;
+            size = size.saturating_mul(d.max(1) as u128);
+        }
+        if size > data.max(1) {
+            return Err(format!("shape ({dims}) declares more values than the {data} bytes of data hold"));
+        }
+    }
+    Ok(())
 }
 
 /// A `.npy` (format 1.0) holding little-endian float64 in C order.

@@ -27,6 +27,29 @@ pub fn clip_grad_norm_joint<A: Module, B: Module>(ga: &mut GradientsParams, a: &
     norm
 }
 
+/// The global L2 norm of `module`'s gradients, summed on the device and read back once (for
+/// the NaN/Inf guard of training steps without clipping).
+pub fn grad_norm<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
+    struct Total<'a> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for Total<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let s = g.square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(t) => t + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut t = Total { grads, total: None };
+    module.visit(&mut t);
+    t.total.map_or(0.0, |t| t.into_scalar::<f64>().sqrt())
+}
+
 fn sum_squares<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,

@@ -65,6 +65,8 @@ pub fn run(args: &MakePairsArgs) -> Result<()> {
     if args.num == 0 || args.shard_size == 0 || args.batch == 0 {
         bail!("--num, --shard-size and --batch must be positive");
     }
+    let sampler = SamplerConfig { solver: Solver::Heun, num_steps: args.steps, ..SamplerConfig::default() };
+    sampler.validate().map_err(|e| anyhow::anyhow!("--steps: {e}"))?;
     let device = args.device.device()?;
     let cfg_path = args.teacher_config.clone().unwrap_or_else(|| config_path_for(&args.teacher));
     let net = EdmPrecond::load(&args.teacher, &cfg_path, &device, "teacher")?;
@@ -82,11 +84,11 @@ pub fn run(args: &MakePairsArgs) -> Result<()> {
     if mpath.exists() {
         let old: PairsManifest = serde_json::from_str(&std::fs::read_to_string(&mpath)?).with_context(|| mpath.display().to_string())?;
         if old != manifest {
-            bail!("{}: this folder holds pairs made with other settings; choose another --out", mpath.display());
+            let diff = crate::checkpoint::config_diff(&old, &manifest);
+            bail!("{}: this folder holds pairs made with other settings ({}); choose another --out", mpath.display(), diff.join(", "));
         }
     }
     write_atomic(&mpath, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-    let sampler = SamplerConfig { solver: Solver::Heun, num_steps: args.steps, ..SamplerConfig::default() };
     let shards = args.num.div_ceil(args.shard_size);
     let bar = progress(args.num as u64, "make-pairs");
     for k in 0..shards {
@@ -125,6 +127,9 @@ impl Pairs {
         let mpath = dir.join("pairs.json");
         let m: PairsManifest = serde_json::from_str(&std::fs::read_to_string(&mpath).with_context(|| mpath.display().to_string())?)
             .with_context(|| mpath.display().to_string())?;
+        if m.num == 0 || m.shard_size == 0 {
+            bail!("{}: `num` and `shard_size` must be positive", mpath.display());
+        }
         let shards = m.num.div_ceil(m.shard_size);
         let (mut lat, mut img, mut lab) = (Vec::new(), Vec::new(), Vec::new());
         for k in 0..shards {
@@ -133,11 +138,23 @@ impl Pairs {
                 bail!("{}: missing; finish the pairs with `dmd make-pairs` (it resumes)", p.display());
             }
             let t = NamedTensors::read(&p)?;
-            let get = |key: &str| t.get(key).cloned().with_context(|| format!("{}: no tensor `{key}`", p.display()));
-            lat.push(get("latents")?);
-            img.push(get("images")?);
+            // Each shard as pairs.json describes it: its rows, the image shape, the labels.
+            let n = (m.num - k * m.shard_size).min(m.shard_size);
+            let [c, h, w] = m.image_shape;
+            let get = |key: &str, shape: &[usize]| -> Result<HostTensor> {
+                let v = t.get(key).cloned().with_context(|| format!("{}: no tensor `{key}`", p.display()))?;
+                if v.shape != shape {
+                    bail!("{}: tensor `{key}` has shape {:?}, pairs.json says {shape:?}", p.display(), v.shape);
+                }
+                if v.data.iter().any(|x| !x.is_finite()) {
+                    bail!("{}: tensor `{key}` holds a non-finite value", p.display());
+                }
+                Ok(v)
+            };
+            lat.push(get("latents", &[n, c, h, w])?);
+            img.push(get("images", &[n, c, h, w])?);
             if m.label_dim > 0 {
-                lab.push(get("labels")?);
+                lab.push(get("labels", &[n, m.label_dim])?);
             }
         }
         Ok(Self {

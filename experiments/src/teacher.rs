@@ -4,10 +4,11 @@
 //! Every random draw of step `s` comes from generators seeded by (seed, s), so a resumed run
 //! repeats the uninterrupted one exactly.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically};
+use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
+use crate::optim::grad_norm;
 use crate::metrics::{energy_distance, mode_stats, ModeStats};
 use crate::output::{preview_png, scatter_png};
 use crate::sample::{progress, seeded_samples};
@@ -45,6 +46,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Write a sample grid (scatter plot for 2-D data) of the EMA network this often; 0: never.
     pub sample_every: usize,
+    /// Checkpoints kept: the latest plus `keep_checkpoints - 1` older ones in `checkpoint.history/`.
+    pub keep_checkpoints: usize,
+    /// A step whose loss or gradient is NaN/Inf is skipped; this many in a row stop the run.
+    pub max_nonfinite_in_a_row: usize,
 }
 
 impl Default for TrainConfig {
@@ -62,6 +67,8 @@ impl Default for TrainConfig {
             log_every: 100,
             checkpoint_every: 1000,
             sample_every: 1000,
+            keep_checkpoints: 2,
+            max_nonfinite_in_a_row: 10,
         }
     }
 }
@@ -106,7 +113,7 @@ impl TeacherConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let t = &self.train;
         if t.batch_size == 0 || t.total_steps == 0 {
             bail!("train.batch_size and train.total_steps must be positive");
@@ -114,10 +121,35 @@ impl TeacherConfig {
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             bail!("train.lr must be positive, got {}", t.lr);
         }
-        if t.log_every == 0 || t.checkpoint_every == 0 {
-            bail!("train.log_every and train.checkpoint_every must be positive");
+        if t.log_every == 0 || t.checkpoint_every == 0 || t.keep_checkpoints == 0 || t.max_nonfinite_in_a_row == 0 {
+            bail!("train.log_every, train.checkpoint_every, train.keep_checkpoints and train.max_nonfinite_in_a_row must be positive");
         }
         self.eval.sampler.validate().map_err(|e| anyhow::anyhow!("eval.sampler: {e}"))?;
+        if !(t.adam_betas.iter().all(|b| (0.0..1.0).contains(b)) && t.adam_eps > 0.0) {
+            bail!("train.adam_betas must lie in [0, 1) and train.adam_eps must be positive, got {:?} and {}", t.adam_betas, t.adam_eps);
+        }
+        if !(t.lr_rampup_kimg >= 0.0 && t.ema_halflife_kimg >= 0.0 && t.ema_rampup_ratio.is_none_or(|r| r >= 0.0)) {
+            bail!("train.lr_rampup_kimg, train.ema_halflife_kimg and train.ema_rampup_ratio must not be negative");
+        }
+        let l = &self.loss;
+        if !(l.p_std > 0.0 && l.p_std.is_finite() && l.p_mean.is_finite()) {
+            bail!("loss.p_std must be positive and loss.p_mean finite, got p_std = {} and p_mean = {}", l.p_std, l.p_mean);
+        }
+        // The [network] table now, so that its errors name this file: with the data's shape for
+        // toy data (known without reading anything), else with a stand-in shape that passes
+        // every check (the data's own is checked when training starts).
+        match &self.data {
+            DataConfig::Toy { .. } => {
+                self.network_config(&DataSource::open(&self.data)?)?;
+            }
+            _ => {
+                let mut net = self.network.clone();
+                let mlp = net.get("model_type").and_then(|v| v.as_str()) == Some("ToyMLP");
+                net.entry("img_resolution").or_insert(toml::Value::Integer(if mlp { 1 } else { 4096 }));
+                net.entry("img_channels").or_insert(toml::Value::Integer(3));
+                EdmConfig::from_json_str(&serde_json::to_string(&net)?).map_err(|e| anyhow::anyhow!("[network]: {e}"))?;
+            }
+        }
         Ok(())
     }
 
@@ -161,10 +193,21 @@ impl RunDir {
     }
 }
 
+/// A checkpoint's `state.json`: with the networks, the optimiser and the config beside it,
+/// everything a resumed run needs to repeat the uninterrupted one bit for bit.
 #[derive(Serialize, Deserialize)]
 struct TrainState {
+    /// Steps done; the learning-rate schedule and EMA follow `images_seen`.
     step: usize,
     images_seen: u64,
+    /// Every random draw of step `s` (data order, noise levels, noise, dropout) comes from
+    /// generators seeded with `step_seed(seed, s, stream)`: the step is the RNG and data position.
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    lr: f64,
+    #[serde(default, flatten)]
+    nonfinite: NonFiniteGuard,
 }
 
 /// Mixes the run seed and the step into one generator seed (SplitMix64 finaliser).
@@ -194,6 +237,8 @@ fn resume_key(cfg: &TeacherConfig) -> TeacherConfig {
     c.train.log_every = 0;
     c.train.checkpoint_every = 0;
     c.train.sample_every = 0;
+    c.train.keep_checkpoints = 0;
+    c.train.max_nonfinite_in_a_row = 0;
     c.eval = EvalConfig::default();
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
@@ -207,18 +252,21 @@ pub fn finished(cfg: &TeacherConfig) -> Result<bool> {
     run_finished(&run.0, cfg, resume_key, cfg.train.total_steps, &run.teacher())
 }
 
-pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
+/// Trains (or resumes) the teacher of `cfg`; `force_resume` continues a run folder made with a
+/// different config.
+pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Result<TeacherRun> {
     let run = RunDir(cfg.out_dir.clone());
-    std::fs::create_dir_all(&run.0).with_context(|| run.0.display().to_string())?;
     let data = DataSource::open(&cfg.data)?;
     let net_cfg = cfg.network_config(&data)?;
     let device = cfg.device.device()?;
     let ad = device.clone().autodiff();
+    // The folder only now that the data and the network config passed their checks.
+    std::fs::create_dir_all(&run.0).with_context(|| run.0.display().to_string())?;
 
     // Resume when the folder holds a checkpoint of the same config.
     let saved_cfg = run.config();
     let previous = if saved_cfg.exists() { Some(TeacherConfig::from_file(&saved_cfg)?) } else { None };
-    guard_config(&saved_cfg, cfg, previous, resume_key)?;
+    guard_config(&saved_cfg, cfg, previous, resume_key, force_resume)?;
 
     let t = &cfg.train;
     let adam = AdamConfig::new()
@@ -227,7 +275,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
         .with_epsilon(t.adam_eps as f32);
     let ckpt = run.checkpoint();
     recover(&ckpt)?;
-    let (mut net, mut ema, mut optim, start, mut images_seen) = if ckpt.join("state.json").exists() {
+    let (mut net, mut ema, mut optim, start, mut images_seen, mut nonfinite) = if ckpt.join("state.json").exists() {
         let state: TrainState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)
             .with_context(|| ckpt.join("state.json").display().to_string())?;
         let net = EdmPrecond::load(&ckpt.join("net.safetensors"), &ckpt.join("net.json"), &ad, "net")?;
@@ -237,11 +285,11 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
             .load(ckpt.join("optim.bpk"))
             .map_err(|e| anyhow::anyhow!("{}: {e:?}", ckpt.join("optim.bpk").display()))?;
         eprintln!("resuming {} from step {}", run.0.display(), state.step);
-        (net, ema, optim, state.step, state.images_seen)
+        (net, ema, optim, state.step, state.images_seen, state.nonfinite)
     } else {
         let net = assign_ids(EdmPrecond::new(&net_cfg, &ad, t.seed), "net");
         let ema = fork_named(&net.valid(), "ema");
-        (net, ema, adam.init(), 0, 0)
+        (net, ema, adam.init(), 0, 0, NonFiniteGuard::default())
     };
     truncate_jsonl(&run.metrics(), start)?;
 
@@ -259,7 +307,8 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
     let [c, h, w] = data.shape();
     let per = c * h * w;
     let bs = t.batch_size;
-    let mut window = (0.0f64, 0usize, Instant::now());
+    // (loss sum, finite steps, start time, steps)
+    let mut window = (0.0f64, 0usize, Instant::now(), 0usize);
     for step in start..t.total_steps {
         // All randomness of this step comes from (seed, step).
         let mut rng = StdRng::seed_from_u64(step_seed(t.seed, step as u64, 0));
@@ -274,37 +323,58 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
         let noise = Tensor::<4>::from_data(TensorData::new(noise, [bs, c, h, w]), &ad);
         let loss = edm_loss(&net, images, labels, sigma, noise).mean();
         let loss_value: f32 = loss.clone().into_scalar::<f32>();
-        if !loss_value.is_finite() {
-            bail!("step {step}: the loss is {loss_value}; stopping before the weights are damaged (last good checkpoint: {})", ckpt.display());
-        }
-        let grads = GradientsParams::from_grads(loss.backward(), &net);
         let lr = t.lr * ((images_seen as f64) / (t.lr_rampup_kimg * 1000.0).max(1e-8)).min(1.0);
-        net = optim.step(lr, net, grads);
         let beta = ema_beta(bs, images_seen, t.ema_halflife_kimg, t.ema_rampup_ratio);
-        ema = ema_update(ema, &net, beta);
-        images_seen += bs as u64;
+        // A NaN/Inf loss or gradient skips the step (weights, EMA, optimiser untouched).
+        let bad = if loss_value.is_finite() {
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            let grad_norm = grad_norm(&grads, &net);
+            if grad_norm.is_finite() {
+                net = optim.step(lr, net, grads);
+                ema = ema_update(ema, &net, beta);
+                images_seen += bs as u64;
+                None
+            } else {
+                Some(format!("gradient norm {grad_norm}"))
+            }
+        } else {
+            Some(format!("loss {loss_value}"))
+        };
+        match bad {
+            None => nonfinite.finite(),
+            Some(what) => {
+                bar.suspend(|| eprintln!("step {step}: {what}; step skipped"));
+                nonfinite.skipped(step, &what, t.max_nonfinite_in_a_row, &ckpt)?;
+            }
+        }
 
         let done = step + 1;
-        window.0 += loss_value as f64;
-        window.1 += 1;
+        if loss_value.is_finite() {
+            window.0 += loss_value as f64;
+            window.1 += 1;
+        }
+        window.3 += 1;
         bar.inc(1);
         if done % t.log_every == 0 || done == t.total_steps {
             let secs = window.2.elapsed().as_secs_f64();
-            let mean_loss = window.0 / window.1 as f64;
+            let mean_loss = window.0 / window.1.max(1) as f64;
             let line = serde_json::json!({
                 "step": done,
                 "kimg": images_seen as f64 / 1000.0,
                 "loss": mean_loss,
                 "lr": lr,
                 "ema_beta": beta,
-                "samples_per_s": (window.1 * bs) as f64 / secs.max(1e-9),
+                "samples_per_s": (window.3 * bs) as f64 / secs.max(1e-9),
+                "skipped_steps": nonfinite.skipped_steps,
             });
             append_jsonl(&run.metrics(), &line)?;
             bar.set_message(format!("train-teacher loss {mean_loss:.4}"));
-            window = (0.0, 0, Instant::now());
+            window = (0.0, 0, Instant::now(), 0);
         }
-        if done % t.checkpoint_every == 0 || done == t.total_steps {
-            save_checkpoint(&ckpt, &net, &ema, &optim, TrainState { step: done, images_seen })?;
+        // No checkpoint inside a streak of skipped steps: the one kept stays the last good one.
+        if (done % t.checkpoint_every == 0 && nonfinite.in_a_row == 0) || done == t.total_steps {
+            let state = TrainState { step: done, images_seen, seed: t.seed, lr, nonfinite: nonfinite.clone() };
+            save_checkpoint(&ckpt, t.keep_checkpoints, cfg, &net, &ema, &optim, state)?;
         }
         if t.sample_every > 0 && (done % t.sample_every == 0 || done == t.total_steps) {
             let png = preview(&ema, &device, &cfg.eval)?;
@@ -327,9 +397,10 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool) -> Result<TeacherRun> {
     Ok(TeacherRun { teacher: run.teacher(), eval })
 }
 
-/// The checkpoint: both networks under EDM's names, the optimiser, the step.
-fn save_checkpoint(dir: &Path, net: &EdmPrecond, ema: &EdmPrecond, optim: &ModuleOptimizer, state: TrainState) -> Result<()> {
-    write_dir_atomically(dir, |tmp| {
+/// The checkpoint: both networks under EDM's names, the optimiser, the state, the config.
+fn save_checkpoint(dir: &Path, keep: usize, cfg: &TeacherConfig, net: &EdmPrecond, ema: &EdmPrecond, optim: &ModuleOptimizer, state: TrainState) -> Result<()> {
+    write_dir_atomically(dir, keep, |tmp| {
+        std::fs::write(tmp.join("config.toml"), toml::to_string_pretty(cfg)?)?;
         net.save(&tmp.join("net.safetensors"))?;
         ema.save(&tmp.join("ema.safetensors"))?;
         optim.save(tmp.join("optim.bpk")).map_err(|e| anyhow::anyhow!("{}: {e:?}", tmp.join("optim.bpk").display()))?;

@@ -112,17 +112,61 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A JSON error in one line, led by the key whose value it is about (serde names only unknown
+/// or missing keys itself): `channel_mult: invalid value: integer `-2`, expected usize at ...`;
+/// without `at line L column C` unless `position` (no use for text the user never saw).
+pub fn json_error(text: &str, e: &serde_json::Error, position: bool) -> String {
+    let mut msg = e.to_string().replace('\n', " ");
+    if !position && e.line() > 0 {
+        if let Some((m, _)) = msg.rsplit_once(" at line ") {
+            msg = m.to_string();
+        }
+    }
+    match key_before(text, e.line(), e.column()) {
+        Some(key) if !msg.contains(&format!("`{key}`")) => format!("{key}: {msg}"),
+        _ => msg,
+    }
+}
+
+/// The last object key (`"key":`) in `text` before 1-based (line, column); `None` at 0 (no
+/// position) or when there is none.
+fn key_before(text: &str, line: usize, column: usize) -> Option<String> {
+    if line == 0 {
+        return None;
+    }
+    let start: usize = text.split_inclusive('\n').take(line - 1).map(str::len).sum();
+    let end = (start + column).min(text.len());
+    let prefix = text.get(..end)?;
+    let mut key = None;
+    let mut rest = prefix;
+    while let Some(open) = rest.find('"') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('"') else { break };
+        let (word, tail) = (&after[..close], &after[close + 1..]);
+        if tail.trim_start().starts_with(':') {
+            key = Some(word.to_string());
+        }
+        rest = tail;
+    }
+    key
+}
+
 impl EdmConfig {
     pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let cfg = Self::parse_json_str(text)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Reads the keys and their types only; [`EdmConfig::validate`] checks the values.
+    pub fn parse_json_str(text: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|e| ConfigError::Invalid(json_error(text, &e, false)))
     }
 
     pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
         let file_err = |msg: String| ConfigError::File { path: path.display().to_string(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| file_err(json_error(&text, &e, true)))?;
         cfg.validate().map_err(|e| file_err(e.to_string()))?;
         Ok(cfg)
     }
@@ -166,6 +210,9 @@ impl EdmConfig {
         }
         if !(self.sigma_data > 0.0) {
             return bad(format!("sigma_data must be positive, got {}", self.sigma_data));
+        }
+        if !(self.sigma_min >= 0.0 && self.sigma_min.is_finite()) || self.sigma_max.is_some_and(|m| !(m > self.sigma_min)) {
+            return bad(format!("need 0 <= sigma_min < sigma_max, got sigma_min {} and sigma_max {}", self.sigma_min, self.sigma_max()));
         }
         let song_only = [
             ("embedding_type", self.embedding_type.is_some()),
@@ -224,8 +271,13 @@ impl EdmConfig {
         if mult.is_empty() {
             return bad("channel_mult must not be empty".into());
         }
+        if mult.contains(&0) {
+            return bad(format!("channel_mult {mult:?}: a 0 gives a level without channels; every entry must be positive"));
+        }
         let levels = mult.len() as u32;
-        if self.img_resolution == 0 || self.img_resolution % (1 << (levels - 1)) != 0 {
+        // (2^(levels - 1); 0 when that does not fit, as for 65 levels.)
+        let halved = 1usize.checked_shl(levels - 1).unwrap_or(0);
+        if self.img_resolution == 0 || halved == 0 || self.img_resolution % halved != 0 {
             return bad(format!(
                 "img_resolution {} cannot be halved {} times (channel_mult has {} levels)",
                 self.img_resolution,
@@ -248,7 +300,9 @@ impl EdmConfig {
                 return bad("channels_per_head must be positive".into());
             }
             for m in &mult {
-                let ch = self.model_channels() * m;
+                let Some(ch) = self.model_channels().checked_mul(*m) else {
+                    return bad(format!("model_channels {} x channel_mult {m} overflows", self.model_channels()));
+                };
                 let heads = ch / cph;
                 if heads > 0 && ch % heads != 0 {
                     return bad(format!("{ch} channels do not split into {heads} attention heads (channels_per_head = {cph})"));

@@ -71,7 +71,13 @@ impl EdmPrecond {
     pub fn load(weights: &Path, config: &Path, device: &Device, namespace: &str) -> Result<Self, ModelError> {
         let tensors = NamedTensors::read(weights)?;
         let cfg = EdmConfig::from_json_file(config)?;
-        Ok(Self::from_named(&cfg, &tensors, &weights.display().to_string(), device, namespace)?)
+        // A config from elsewhere than beside the weights is named too: either may be wrong.
+        let file = if config == config_path_for(weights) {
+            weights.display().to_string()
+        } else {
+            format!("{} (with config {})", weights.display(), config.display())
+        };
+        Ok(Self::from_named(&cfg, &tensors, &file, device, namespace)?)
     }
 
     /// Writes the weights under EDM's names, and the config beside them (same path, `.json`).

@@ -74,8 +74,9 @@ impl SamplerConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_steps == 0 {
-            return Err("num_steps must be at least 1".into());
+        // At most a million steps (EDM uses up to 512): beyond that a typo, not a schedule.
+        if self.num_steps == 0 || self.num_steps > 1_000_000 {
+            return Err(format!("num_steps must lie in [1, 1000000], got {}", self.num_steps));
         }
         if !(self.sigma_min > 0.0 && self.sigma_max >= self.sigma_min && self.sigma_max.is_finite()) {
             return Err(format!("need 0 < sigma_min <= sigma_max < inf, got {} and {}", self.sigma_min, self.sigma_max));

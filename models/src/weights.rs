@@ -92,8 +92,12 @@ impl NamedTensors {
         if len > 100_000_000 {
             return Err(format(format!("header of {len} bytes")));
         }
-        let mut header = vec![0u8; len as usize];
-        file.read_exact(&mut header).map_err(|e| format(format!("truncated header: {e}")))?;
+        // Read, not preallocated: a length field larger than the file costs no memory.
+        let mut header = Vec::new();
+        file.take(len).read_to_end(&mut header).map_err(io)?;
+        if header.len() as u64 != len {
+            return Err(format(format!("truncated header: {} of its {len} bytes", header.len())));
+        }
         let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| format(format!("header is not JSON: {e}")))?;
         match json.get("__metadata__") {
             None => Ok(HashMap::new()),
@@ -102,7 +106,7 @@ impl NamedTensors {
     }
 
     pub fn from_bytes(bytes: &[u8], path: &str) -> Result<Self, WeightError> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format { path: path.into(), msg: e.to_string() })?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format { path: path.into(), msg: truncation(bytes).unwrap_or(e.to_string()) })?;
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| WeightError::Format { path: path.into(), msg: e.to_string() })?;
         let mut out = NamedTensors { metadata: meta.metadata().clone().unwrap_or_default(), ..Default::default() };
         for (name, view) in st.tensors() {
@@ -135,6 +139,20 @@ impl NamedTensors {
     }
 }
 
+/// For a file shorter than its header says (cut off while copied or written): the first tensor
+/// whose data is missing.
+fn truncation(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let have = bytes.len() - 8 - n;
+    let (start, key, end) = header
+        .iter()
+        .filter_map(|(k, v)| Some((v["data_offsets"][0].as_u64()?, k, v["data_offsets"][1].as_u64()?)))
+        .filter(|&(_, _, end)| end > have as u64)
+        .min()?;
+    Some(format!("truncated: the data of tensor `{key}` spans bytes {start}..{end}, the file holds {have}"))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -143,8 +161,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        // On disk before the rename makes it visible: a crash leaves the old file or the new.
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+/// Makes a rename in `path`'s folder durable (fsync of the folder; a no-op off Unix).
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn view_to_f32(view: &TensorView) -> Option<Vec<f32>> {
