@@ -182,13 +182,14 @@ impl NonFiniteGuard {
         Self { skipped_steps, ..Default::default() }
     }
 
-    pub fn finite(&mut self) {
-        self.in_a_row = 0;
-    }
-
-    /// Counts a skipped step (`what`: which value was not finite); an error once `limit` steps
-    /// in a row were skipped. `last_good`: the checkpoint folder kept.
-    pub fn skipped(&mut self, step: usize, what: &str, limit: usize, last_good: &Path) -> Result<()> {
+    /// Records step `step`: `nonfinite` says which value was not finite when (part of) the step
+    /// was skipped. An error once `limit` steps in a row were skipped; `last_good`: the
+    /// checkpoint folder kept.
+    pub fn record(&mut self, step: usize, nonfinite: Option<&str>, limit: usize, last_good: &Path) -> Result<()> {
+        let Some(what) = nonfinite else {
+            self.in_a_row = 0;
+            return Ok(());
+        };
         if self.in_a_row == 0 {
             self.first_in_row = step;
         }

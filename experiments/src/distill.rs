@@ -696,11 +696,11 @@ impl Distiller {
                         let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
                         self.generator = self.generator_optim.step(lr, self.generator.clone(), grads);
                     } else {
-                        stats.nonfinite = Some(format!("generator gradient norm {norm}"));
+                        stats.add_nonfinite(format!("generator gradient norm {norm}"));
                         applied = false;
                     }
                 } else {
-                    stats.nonfinite = Some(format!("generator loss {value}"));
+                    stats.add_nonfinite(format!("generator loss {value}"));
                     applied = false;
                 }
             }
@@ -906,13 +906,10 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
     let mut t0 = Instant::now();
     for step in start..tr.total_steps {
         let stats = d.step(step)?;
-        match &stats.nonfinite {
-            None => nonfinite.finite(),
-            Some(what) => {
-                bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
-                nonfinite.skipped(step, what, tr.max_nonfinite_in_a_row, &ckpt)?;
-            }
+        if let Some(what) = &stats.nonfinite {
+            bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
         }
+        nonfinite.record(step, stats.nonfinite.as_deref(), tr.max_nonfinite_in_a_row, &ckpt)?;
         window.push(stats);
         let done = step + 1;
         bar.inc(1);

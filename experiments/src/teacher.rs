@@ -340,13 +340,10 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Re
         } else {
             Some(format!("loss {loss_value}"))
         };
-        match bad {
-            None => nonfinite.finite(),
-            Some(what) => {
-                bar.suspend(|| eprintln!("step {step}: {what}; step skipped"));
-                nonfinite.skipped(step, &what, t.max_nonfinite_in_a_row, &ckpt)?;
-            }
+        if let Some(what) = &bad {
+            bar.suspend(|| eprintln!("step {step}: {what}; step skipped"));
         }
+        nonfinite.record(step, bad.as_deref(), t.max_nonfinite_in_a_row, &ckpt)?;
 
         let done = step + 1;
         if loss_value.is_finite() {
