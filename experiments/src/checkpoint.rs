@@ -68,6 +68,12 @@ pub fn write_dir_atomically(dir: &Path, keep: usize, write: impl FnOnce(&Path) -
     std::fs::rename(&tmp, dir)?;
     sync_parent(dir)?;
     let _ = std::fs::remove_dir_all(&old);
+    // A prune interrupted by a crash can leave a partly deleted folder (no state.json): drop it.
+    for entry in std::fs::read_dir(&history).into_iter().flatten().flatten() {
+        if !entry.path().join("state.json").exists() {
+            std::fs::remove_dir_all(entry.path()).with_context(|| entry.path().display().to_string())?;
+        }
+    }
     let mut kept = history_entries(&history);
     while kept.len() >= keep.max(1) {
         let oldest = kept.remove(0);
@@ -89,10 +95,18 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The step recorded in a checkpoint folder's `state.json`.
-pub fn checkpoint_step(dir: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+/// A checkpoint folder's `state.json` and the step in it; errors name the file.
+pub fn read_state(dir: &Path) -> Result<(usize, serde_json::Value)> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let state: serde_json::Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+    let step = state["step"].as_u64().with_context(|| format!("{}: no `step`", path.display()))? as usize;
+    Ok((step, state))
+}
+
+/// The step recorded in a checkpoint folder's `state.json` (none when it cannot be read).
+pub fn checkpoint_step(dir: &Path) -> Option<usize> {
+    read_state(dir).ok().map(|(step, _)| step)
 }
 
 /// The kept older checkpoints, oldest first.
@@ -215,13 +229,12 @@ impl NonFiniteGuard {
 /// exists. A checkpoint of the same config past `total_steps` is an error (a shorter run was
 /// asked of a longer one's folder).
 pub fn run_finished<T: DeserializeOwned + PartialEq>(dir: &Path, cfg: &T, key: impl Fn(&T) -> T, total_steps: usize, output: &Path) -> Result<bool> {
-    let state_path = dir.join("checkpoint").join("state.json");
-    let (Ok(saved), Ok(state)) = (std::fs::read_to_string(dir.join("config.toml")), std::fs::read_to_string(&state_path)) else {
+    let checkpoint = dir.join("checkpoint");
+    let (Ok(saved), true) = (std::fs::read_to_string(dir.join("config.toml")), checkpoint.join("state.json").is_file()) else {
         return Ok(false);
     };
     let same = toml::from_str::<T>(&saved).is_ok_and(|old| key(&old) == key(cfg));
-    let state: serde_json::Value = serde_json::from_str(&state).with_context(|| state_path.display().to_string())?;
-    let step = state["step"].as_u64().with_context(|| format!("{}: no step", state_path.display()))? as usize;
+    let (step, _) = read_state(&checkpoint)?;
     if same && step > total_steps {
         bail!("{}: the checkpoint is at step {step}, past train.total_steps = {total_steps}; raise total_steps or choose another out_dir", dir.display());
     }
@@ -265,8 +278,14 @@ mod tests {
         for step in 1..=5 {
             save(&dir, 3, step);
         }
-        let history: Vec<u64> = history_entries(&dir.with_extension("history")).iter().map(|d| checkpoint_step(d).unwrap()).collect();
+        let history: Vec<usize> = history_entries(&dir.with_extension("history")).iter().map(|d| checkpoint_step(d).unwrap()).collect();
         assert_eq!((checkpoint_step(&dir), history), (Some(5), vec![3, 4]));
+        // A prune cut short by a crash: the folder without state.json goes at the next save.
+        let pruned = root.join("pruned");
+        std::fs::create_dir_all(pruned.with_extension("history").join("step-000000001/part")).unwrap();
+        save(&pruned, 3, 2);
+        save(&pruned, 3, 3);
+        assert_eq!(std::fs::read_dir(pruned.with_extension("history")).unwrap().count(), 1);
         // A crash after the latest moved to the history, before the new one moved in.
         std::fs::rename(&dir, dir.with_extension("history").join("step-000000005")).unwrap();
         std::fs::create_dir_all(dir.with_extension("tmp")).unwrap();

@@ -9,7 +9,7 @@
 //! multi-step generators on their own samples (backward simulation). One training step is
 //! [`Distiller::step`], top to bottom.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
+use crate::checkpoint::{append_jsonl, guard_config, read_state, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::ema_update;
@@ -870,9 +870,7 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
     let ckpt = out.join("checkpoint");
     recover(&ckpt)?;
     let (mut d, start, mut nonfinite) = if ckpt.join("state.json").exists() {
-        let state_path = ckpt.join("state.json");
-        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path)?).with_context(|| state_path.display().to_string())?;
-        let step = state["step"].as_u64().with_context(|| format!("{}: no `step`", state_path.display()))? as usize;
+        let (step, state) = read_state(&ckpt)?;
         let guard = NonFiniteGuard::resumed(state["skipped_steps"].as_u64().unwrap_or(0));
         let d = Distiller::new(cfg, Some(&ckpt))?;
         eprintln!("resuming {} from step {step}", out.display());
