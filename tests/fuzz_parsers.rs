@@ -2,12 +2,18 @@
 //! `cargo fuzz`: that needs nightly and the network). For each parser it builds valid seeds
 //! here (safetensors with metadata; `.npz` statistics as numpy's `savez` writes them, float64
 //! and float32; IDX raw and gzipped; EDM dataset zips of PNGs with `dataset.json`; the
-//! repository's own train-teacher / distill / experiment TOML and network JSON configs), mutates
-//! them (bit flips, interesting bytes and integers, truncation, chunk insertion, duplication and
-//! deletion, splicing; rewritten length fields, safetensors header offsets/shapes/dtypes, npy
-//! header shape/descr/fortran_order/length/nesting, IDX dims, zip sizes/counts/offsets, PNG
-//! IHDR; for text: lines deleted/duplicated/spliced, values replaced by huge, negative, NaN,
-//! infinite or wrongly typed ones, keys added) and calls the real entry points. Every call must
+//! repository's own train-teacher / distill / experiment TOML and network JSON configs; for
+//! Stable Diffusion: CLIP tokenizer folders (`vocab.json` + `merges.txt`, a small synthetic one
+//! and the first 1500 merges of the real one), prompts, the UNet / VAE / CLIP text / scheduler
+//! JSON configs, the text-to-image distill TOML and prompt files), mutates them (bit flips,
+//! interesting bytes and integers, truncation, chunk insertion, duplication and deletion,
+//! splicing; rewritten length fields, safetensors header offsets/shapes/dtypes, npy header
+//! shape/descr/fortran_order/length/nesting, IDX dims, zip sizes/counts/offsets, PNG IHDR; for
+//! text: lines deleted/duplicated/spliced, values replaced by huge, negative, NaN, infinite or
+//! wrongly typed ones, keys added; vocabulary entries removed, renumbered or given ids that are
+//! no u32, merges malformed, repeated, reordered or naming unknown tokens; prompts with
+//! combining marks, length-changing case maps, special tokens, invalid UTF-8 and long words)
+//! and calls the real entry points. Every call must
 //! return Ok or Err: never panic, never take longer than `DMD_FUZZ_CALL_MS` (2000 ms), never
 //! allocate more than `DMD_FUZZ_ALLOC_MIB` (64 MiB; measured by a counting allocator) for
 //! inputs of at most ~1 MiB. A call that hangs past 60 s aborts the test with the input's path.
@@ -24,7 +30,8 @@
 //!   change to the zip checks). Per 60 s: safetensors
 //!   0.38-0.45M, latents 0.5M, npz 0.27-0.31M, idx 0.2-0.29M, dataset zip 0.11-0.29M, network
 //!   JSON 0.25-0.45M, pairs 0.19-0.28M, teacher TOML 0.15-0.22M, distill TOML 0.06-0.19M,
-//!   experiment TOML 30-45k. The default (2 s per parser) takes about 11 s.
+//!   experiment TOML 30-45k. The default (2 s per parser) takes about 11 s (20 s with the 8
+//!   Stable Diffusion targets below).
 //! - Findings, all fixed:
 //!   1. safetensors header length just under the 100 MB cap: `NamedTensors::read_metadata`
 //!      allocated it before reading (100 MB for a 1 KB file). Now read through `take`.
@@ -49,8 +56,28 @@
 //!      (`EdmConfig::validate`); also `1 << (levels - 1)` for 65+ levels. Both checked.
 //!   10. `--set` key with thousands of dotted parts: 543 MiB and 1.4 s for a 24 KB spec, a
 //!      stack overflow (abort) at 10000 parts. `set_override` takes at most 16 levels.
+//! - Stable Diffusion targets (sd_tokenizer, sd_tokenizer_encode, sd_unet_config,
+//!   sd_vae_config, sd_clip_config, sd_scheduler_config, sd_distill_config, prompt_file). Beyond
+//!   Ok/Err they check what callers rely on: `encode` gives 77 ids, start first, end last, each
+//!   below the vocabulary's size; file errors name the file; a valid UNet / VAE / CLIP config
+//!   builds its network (small ones) and an empty weights file is an error, not a panic; UNet,
+//!   VAE and distill configs survive the save -> load round trip (the run folder's
+//!   config.toml); scheduler configs give timesteps inside the schedule and run short samplers.
+//!   Runs: 30 s per target with seeds 20240601 and 2, then 60 s with seeds 1 and 3, clean
+//!   after the fixes. Per 60 s: tokenizer folder 29-30k, encode 25-26k, UNet 0.15-0.18M, VAE
+//!   0.19-0.22M, CLIP text 0.21-0.23M, scheduler 0.2-0.22M, distill TOML 0.09-0.1M, prompt file
+//!   0.26-0.28M.
+//! - Findings of the Stable Diffusion targets, both fixed:
+//!   - 11: a long word (one BPE piece) took quadratic time: 10 s for 100 KB of random
+//!     letters (a prompt file line; slow at 2 s for ~30 KB). `ClipTokenizer::bpe` now merges
+//!     from a heap by (rank, position), rank by rank as the reference loop does: 40 ms.
+//!   - 12: a `vocab.json` id at or beyond the number of tokens loaded, and the text encoder,
+//!     whose table the pipeline sizes by that number, panicked on it (an assertion in
+//!     `ClipTextModel::forward`). `ClipTokenizer::load` refuses such ids, naming the token.
 
+use burn::tensor::Tensor;
 use dmd_datasets::image::read_idx;
+use dmd_datasets::prompts::{read_prompts, PromptSet};
 use dmd_datasets::ImageDataset;
 use dmd_experiments::data::{DataConfig, DataSource};
 use dmd_experiments::distill::DistillConfig;
@@ -58,7 +85,9 @@ use dmd_experiments::experiment::ExperimentConfig;
 use dmd_experiments::fid::FidStats;
 use dmd_experiments::pairs::Pairs;
 use dmd_experiments::sample::read_latents;
+use dmd_experiments::sd_distill::{is_text_config, TextDistillConfig};
 use dmd_experiments::teacher::TeacherConfig;
+use dmd_models::sd::tokenizer::{ClipTokenizer, MAX_LENGTH};
 use dmd_models::{EdmConfig, ModelType, NamedTensors};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -955,6 +984,8 @@ fn toml_keys(v: &toml::Value, out: &mut Vec<String>) {
 enum Syntax {
     Toml,
     Json,
+    /// Line-based text (merges, prompt files): text and byte mutations only.
+    Plain,
 }
 
 struct TextMutator {
@@ -979,6 +1010,7 @@ impl TextMutator {
                         json_keys(&v, &mut keys);
                     }
                 }
+                Syntax::Plain => {}
             }
             dict.extend(s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
         }
@@ -1009,6 +1041,7 @@ impl TextMutator {
                     }
                     serde_json::to_string_pretty(&v).unwrap()
                 }),
+                Syntax::Plain => None,
             };
             if let Some(s) = structured {
                 text = s;
@@ -2019,4 +2052,665 @@ fn fuzz_experiment_config() {
             Ok(())
         }),
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stable Diffusion: the CLIP tokenizer's files and the text it encodes, the configs of a
+// diffusers folder (UNet, VAE, CLIP text encoder, scheduler), text-to-image distill TOML and
+// prompt files. The real tokenizer and configs of `$DMD_REFERENCE_DIR/sd` (default
+// ../shared/reference/sd) join the seeds when present; the synthetic seeds alone run without.
+
+fn sd_reference() -> Option<PathBuf> {
+    let root = std::env::var_os("DMD_REFERENCE_DIR").map(PathBuf::from).unwrap_or_else(|| repo("../shared/reference"));
+    let dir = root.join("sd");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("note: {} not found: the SD fuzz targets start from synthetic seeds only", dir.display());
+        None
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The CPU device the network constructors run on.
+fn cpu() -> burn::tensor::Device {
+    burn::tensor::Device::flex()
+}
+
+/// GPT-2's byte -> printable character table: how CLIP's vocabulary spells single bytes.
+fn byte_symbols() -> Vec<String> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut next = 256u32;
+    (0..256u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(c).unwrap().to_string()
+        })
+        .collect()
+}
+
+/// A tokenizer folder's `vocab.json` (one entry per line, so that line mutations act on
+/// entries) and `merges.txt`.
+fn tokenizer_files(vocab: &[(String, u32)], merges: &[String]) -> Case {
+    let map: serde_json::Map<String, serde_json::Value> = vocab.iter().map(|(t, i)| (t.clone(), serde_json::Value::from(*i))).collect();
+    let json = serde_json::to_string_pretty(&serde_json::Value::Object(map)).unwrap();
+    let merges = format!("#version: 0.2\n{}\n", merges.join("\n"));
+    vec![("tokenizer/vocab.json".into(), json.into_bytes()), ("tokenizer/merges.txt".into(), merges.into_bytes())]
+}
+
+/// A small tokenizer of its own: the 512 byte symbols (plain and word-final), a few merges,
+/// the start and end tokens.
+fn synthetic_tokenizer() -> Case {
+    let syms = byte_symbols();
+    let mut vocab: Vec<String> = syms.clone();
+    vocab.extend(syms.iter().map(|s| format!("{s}</w>")));
+    let pairs = [
+        ("t", "h"),
+        ("th", "e</w>"),
+        ("a", "n"),
+        ("an", "d</w>"),
+        ("i", "n"),
+        ("in", "g</w>"),
+        ("o", "f</w>"),
+        ("a", "t</w>"),
+        ("c", "at</w>"),
+        ("d", "o"),
+        ("do", "g</w>"),
+        ("a", "a"),
+        ("aa", "aa"),
+        ("Ã", "©</w>"),
+        ("'", "s</w>"),
+    ];
+    let mut merges = Vec::new();
+    for (a, b) in pairs {
+        merges.push(format!("{a} {b}"));
+        vocab.push(format!("{a}{b}"));
+    }
+    vocab.push("<|startoftext|>".into());
+    vocab.push("<|endoftext|>".into());
+    let entries: Vec<(String, u32)> = vocab.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+    tokenizer_files(&entries, &merges)
+}
+
+/// The real tokenizer cut to its byte symbols, its first `n` merges (merge i made id 512 + i)
+/// and the start and end tokens (renumbered to follow): consistent, and small enough to load
+/// in a millisecond.
+fn reference_tokenizer_subset(dir: &Path, n: usize) -> Option<Case> {
+    let vocab: HashMap<String, u32> = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer/vocab.json")).ok()?).ok()?;
+    let merges: Vec<String> = std::fs::read_to_string(dir.join("tokenizer/merges.txt")).ok()?.lines().skip(1).take(n).map(str::to_string).collect();
+    let keep = 512 + n as u32;
+    let mut entries: Vec<(String, u32)> = vocab.into_iter().filter(|(_, i)| *i < keep).collect();
+    entries.sort_by_key(|e| e.1);
+    // Start and end follow (ids number the tokens).
+    entries.extend([("<|startoftext|>".to_string(), keep), ("<|endoftext|>".to_string(), keep + 1)]);
+    Some(tokenizer_files(&entries, &merges))
+}
+
+/// What `encode` promises for any text: 77 ids, the start token first, the end token last.
+fn check_encoding(tok: &ClipTokenizer, text: &str) {
+    let ids = tok.encode(text);
+    assert_eq!(ids.len(), MAX_LENGTH, "encode gave {} ids", ids.len());
+    assert!(ids[0] == tok.start_id() && ids[MAX_LENGTH - 1] == tok.end_id(), "encode: ids {ids:?} do not start with start and end with end");
+    // The text encoder's table has a row per token: every id must have one.
+    assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()), "encode: an id of {ids:?} is not below the {} tokens", tok.vocab_size());
+}
+
+const PROBE_PROMPTS: [&str; 6] = ["a photo of a cat", "", "Café déjà vu — naïve!", "the dog's <|endoftext|> x<|startoftext|>", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "😀 中文 한국어 ﻿\u{0}"];
+
+/// Replacement lines for merges.txt: malformed, unknown or special tokens, repeats.
+const ODD_MERGES: [&str; 18] = [
+    "",
+    "#version: 0.2",
+    "a",
+    "a b c",
+    " a",
+    "a ",
+    "a  b",
+    "a\tb",
+    "q z",
+    "t h",
+    "th e</w>",
+    "e</w> a",
+    "<|startoftext|> <|endoftext|>",
+    "<|endoftext|> a",
+    "\u{feff}t h",
+    "Ġ Ġ",
+    "ðŁ ĺ",
+    "a </w>",
+];
+
+fn mutate_vocab(rng: &mut StdRng, b: &[u8], json: &TextMutator) -> Vec<u8> {
+    use serde_json::Value;
+    let text = lossy(b);
+    if rng.random_bool(0.5) {
+        if let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(&text) {
+            for _ in 0..mutation_count(rng) {
+                if m.is_empty() {
+                    break;
+                }
+                let k = m.keys().nth(rng.random_range(0..m.len())).cloned().unwrap();
+                match rng.random_range(0..6) {
+                    // A byte symbol, a merge product or a special token gone.
+                    0 => {
+                        m.remove(&k);
+                    }
+                    // An id that is no u32.
+                    1 => {
+                        let v = pick(rng, &[Value::from(-1), Value::from(4_294_967_296u64), Value::from(1.5), Value::from("7"), Value::Null, Value::from(u32::MAX), Value::from(u64::MAX), Value::Bool(true), Value::Array(vec![])]).clone();
+                        m.insert(k, v);
+                    }
+                    // Another entry's id (two tokens, one id).
+                    2 => {
+                        let other = m.values().nth(rng.random_range(0..m.len())).cloned().unwrap();
+                        m.insert(k, other);
+                    }
+                    // Odd new tokens.
+                    3 => {
+                        let t = pick(rng, &["", " ", "a b", "</w>", "<|endoftext|>x", "\u{0}", "\n", "x</w></w>"]).to_string();
+                        m.insert(t, Value::from(rng.random_range(0..60_000u32)));
+                    }
+                    4 => {
+                        let v = m.remove(&k).unwrap();
+                        m.insert(format!("{k}x"), v);
+                    }
+                    _ => {
+                        m.insert(k, Value::from(interesting(rng)));
+                    }
+                }
+            }
+            return serde_json::to_string_pretty(&Value::Object(m)).unwrap().into_bytes();
+        }
+    }
+    json.mutate(rng, &text).into_bytes()
+}
+
+fn mutate_merges(rng: &mut StdRng, b: &[u8], plain: &TextMutator) -> Vec<u8> {
+    let text = lossy(b);
+    if rng.random_bool(0.5) {
+        let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+        for _ in 0..mutation_count(rng) {
+            let n = lines.len();
+            let i = rng.random_range(0..n);
+            match rng.random_range(0..6) {
+                0 => lines[i] = pick(rng, &ODD_MERGES).to_string(),
+                // A repeated merge.
+                1 => {
+                    let l = lines[rng.random_range(0..n)].clone();
+                    lines.insert(rng.random_range(0..=n), l);
+                }
+                // A merge gone while its product stays in the vocabulary.
+                2 if n > 1 => {
+                    lines.remove(i);
+                }
+                // Ranks reordered.
+                3 => lines.swap(i, rng.random_range(0..n)),
+                4 => lines[i].push('\r'),
+                _ => {
+                    let sep = *pick(rng, &["", "  ", "\t", " x ", "\u{a0}"]);
+                    lines[i] = lines[i].replacen(' ', sep, 1);
+                }
+            }
+        }
+        return lines.join("\n").into_bytes();
+    }
+    plain.mutate(rng, &text).into_bytes()
+}
+
+#[test]
+fn fuzz_sd_tokenizer() {
+    let mut seeds = vec![synthetic_tokenizer()];
+    if let Some(c) = sd_reference().and_then(|d| reference_tokenizer_subset(&d, 1500)) {
+        seeds.push(c);
+    }
+    let vocabs: Vec<String> = seeds.iter().map(|c| lossy(&c[0].1)).collect();
+    let merges: Vec<String> = seeds.iter().map(|c| lossy(&c[1].1)).collect();
+    let (json, plain) = (TextMutator::new(Syntax::Json, &vocabs), TextMutator::new(Syntax::Plain, &merges));
+    fuzz(Target {
+        name: "sd_tokenizer",
+        fixed: vec![],
+        seeds,
+        mutate: Box::new(move |rng, seeds| {
+            let mut case = pick(rng, seeds).clone();
+            let which = rng.random_range(0..5);
+            if which < 2 || which == 4 {
+                case[0].1 = mutate_vocab(rng, &case[0].1, &json);
+            }
+            if which >= 2 {
+                case[1].1 = mutate_merges(rng, &case[1].1, &plain);
+            }
+            if rng.random_bool(0.03) {
+                case.remove(rng.random_range(0..2));
+            }
+            case
+        }),
+        exec: Box::new(|dir| {
+            let tok = ClipTokenizer::load(&dir.join("tokenizer")).map_err(|e| {
+                let msg = e.to_string();
+                assert!(msg.contains("vocab.json") || msg.contains("merges.txt"), "the error does not name the file: {msg}");
+                msg
+            })?;
+            for p in PROBE_PROMPTS {
+                check_encoding(&tok, p);
+            }
+            Ok(())
+        }),
+    });
+}
+
+/// Characters that exercise normalisation (combining marks, case mappings that change length,
+/// invisible and special characters) and CLIP's pattern (contractions, special tokens).
+const ODD_CHARS: [char; 36] = [
+    '\u{0301}', '\u{0308}', '\u{0327}', '\u{030c}', 'İ', 'ẞ', 'ß', 'ﬃ', 'Σ', 'ς', 'ǅ', '\u{212a}', '\u{0345}', '\u{200b}', '\u{200d}', '\u{feff}', '\u{2028}', '\u{3000}', '\u{0}', '\u{7f}', '\u{ad}', '\u{fffd}', '\u{ffff}', '\u{10ffff}', '😀', '\u{1f3fd}', '中', '한', 'ا', '\u{202e}', '\r', '\t', '\n', '\'', '<', '|',
+];
+const ODD_PIECES: [&str; 10] = ["<|startoftext|>", "<|endoftext|>", "<|endoftext", "'s", "'ll", "’s", " ' ", "a\u{0301}", "A\u{030a}", "1234567890"];
+
+/// One mutation of a prompt, by characters.
+fn mutate_prompt(rng: &mut StdRng, text: &str, dict: &[String]) -> String {
+    let mut chars: Vec<char> = text.chars().collect();
+    let n = chars.len();
+    match rng.random_range(0..9) {
+        0 => {
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..=chars.len());
+                chars.insert(at, *pick(rng, &ODD_CHARS));
+            }
+        }
+        1 => {
+            let at = rng.random_range(0..=n);
+            chars.splice(at..at, pick(rng, &ODD_PIECES).chars());
+        }
+        2 => {
+            // Any scalar value.
+            let at = rng.random_range(0..=n);
+            let c = std::iter::repeat_with(|| char::from_u32(rng.random_range(0..0x11_0000))).flatten().next().unwrap();
+            chars.insert(at, c);
+        }
+        3 if n > 0 => {
+            // Long words and long texts: a chunk repeated.
+            let a = rng.random_range(0..n);
+            let b = (a + rng.random_range(1..=8)).min(n);
+            let chunk: Vec<char> = chars[a..b].to_vec();
+            let times = *pick(rng, &[2usize, 10, 100, 1000, 10_000]);
+            let rep: Vec<char> = chunk.iter().copied().cycle().take(chunk.len() * times).collect();
+            chars.splice(a..a, rep);
+        }
+        4 if n > 0 => {
+            let a = rng.random_range(0..n);
+            let b = (a + rng.random_range(1..=20)).min(n);
+            chars.drain(a..b);
+        }
+        5 if !dict.is_empty() => {
+            let other: Vec<char> = pick(rng, dict).chars().collect();
+            let (a, b) = (rng.random_range(0..=n), rng.random_range(0..=other.len()));
+            chars.truncate(a);
+            chars.extend_from_slice(&other[b..]);
+        }
+        7 => {
+            // A long word of random letters (little repetition: BPE merges of many ranks).
+            let at = rng.random_range(0..=n);
+            let len = *pick(rng, &[100usize, 1000, 10_000, 60_000]);
+            let word: Vec<char> = (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect();
+            chars.splice(at..at, word);
+        }
+        6 => {
+            // A letter followed by a run of combining marks.
+            let at = rng.random_range(0..=n);
+            let marks: Vec<char> = (0..rng.random_range(1..50)).map(|_| char::from_u32(rng.random_range(0x300..0x370)).unwrap()).collect();
+            chars.splice(at..at, std::iter::once('e').chain(marks));
+        }
+        _ => {
+            let mut b = text.as_bytes().to_vec();
+            mutate_bytes(rng, &mut b, &[]);
+            return lossy(&b);
+        }
+    }
+    chars.into_iter().collect()
+}
+
+#[test]
+fn fuzz_sd_tokenizer_encode() {
+    // The real tokenizer (all 49408 tokens) when present, the synthetic one otherwise.
+    let reference = sd_reference();
+    let tok = match reference.as_ref().and_then(|d| ClipTokenizer::load(&d.join("tokenizer")).ok()) {
+        Some(t) => t,
+        None => {
+            let dir = scratch("sd_tokenizer_encode_files");
+            write_case(&dir, &synthetic_tokenizer());
+            ClipTokenizer::load(&dir.join("tokenizer")).unwrap()
+        }
+    };
+    let mut texts: Vec<String> = dmd_datasets::prompts::builtin_prompts().into_iter().take(12).collect();
+    texts.extend(PROBE_PROMPTS.iter().map(|s| s.to_string()));
+    if let Some(list) = reference.and_then(|d| std::fs::read_to_string(d.join("tokenizer_prompts.json")).ok()).and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok()) {
+        texts.extend(list);
+    }
+    let seeds: Vec<Case> = texts.iter().map(|t| vec![("prompt.txt".to_string(), t.clone().into_bytes())]).collect();
+    fuzz(Target {
+        name: "sd_tokenizer_encode",
+        fixed: vec![],
+        seeds,
+        mutate: Box::new(move |rng, seeds| {
+            let mut text = lossy(&pick(rng, seeds)[0].1);
+            for _ in 0..mutation_count(rng) {
+                text = mutate_prompt(rng, &text, &texts);
+            }
+            let mut end = text.len().min(MAX_TEXT);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            vec![("prompt.txt".to_string(), text.into_bytes())]
+        }),
+        exec: Box::new(move |dir| {
+            let text = lossy(&std::fs::read(dir.join("prompt.txt")).unwrap());
+            check_encoding(&tok, &text);
+            Ok(())
+        }),
+    });
+}
+
+/// Calls the parser(s) on a work folder.
+type Exec = Box<dyn Fn(&Path) -> Result<(), String> + Send>;
+
+/// A JSON config target: one file per input, seeded with `texts`.
+fn sd_json_target(name: &'static str, file: &'static str, texts: Vec<String>, exec: Exec) {
+    let seeds: Vec<Case> = texts.into_iter().map(|t| vec![(file.to_string(), t.into_bytes())]).collect();
+    text_target(name, Syntax::Json, vec![], seeds, exec);
+}
+
+/// A config equal to another up to serde_json's float parsing (without its `float_roundtrip`
+/// feature a float written and read back may move by one unit in the last place).
+fn assert_same_json(a: &serde_json::Value, b: &serde_json::Value) {
+    use serde_json::Value;
+    let same = match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            (x - y).abs() <= 1e-15 * x.abs().max(y.abs())
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            x.iter().zip(y).for_each(|(x, y)| assert_same_json(x, y));
+            true
+        }
+        (Value::Object(x), Value::Object(y)) if x.len() == y.len() => {
+            for (k, v) in x {
+                assert_same_json(v, y.get(k).unwrap_or_else(|| panic!("config changed in a save -> load round trip: `{k}` gone")));
+            }
+            true
+        }
+        _ => a == b,
+    };
+    assert!(same, "config changed in a save -> load round trip: {a} became {b}");
+}
+
+/// The reference folder's `<part>/config.json`, when present.
+fn reference_config(part: &str) -> Option<String> {
+    std::fs::read_to_string(sd_reference()?.join(part).join("config.json")).ok()
+}
+
+/// The message of an error from reading `path`; it must name the file.
+fn names_file(path: &Path, msg: String) -> String {
+    assert!(msg.contains(&path.display().to_string()), "the error does not name {}: {msg}", path.display());
+    msg
+}
+
+const TINY_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "sample_size": 16, "in_channels": 4, "out_channels": 4,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+  "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+  "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 32
+}"#;
+
+const PER_BLOCK_UNET: &str = r#"{
+  "sample_size": 8, "in_channels": 1, "out_channels": 2, "center_input_sample": true, "flip_sin_to_cos": false, "freq_shift": 1,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+  "block_out_channels": [8, 16], "layers_per_block": [1, 2], "norm_num_groups": 4, "norm_eps": 1e-6,
+  "cross_attention_dim": [8, 12], "transformer_layers_per_block": [1, 2], "attention_head_dim": [2, 4],
+  "use_linear_projection": true, "time_embedding_dim": 24, "conv_in_kernel": 1, "conv_out_kernel": 5,
+  "only_cross_attention": [false, false], "dropout": 0.0, "act_fn": "silu", "num_attention_heads": null, "upcast_attention": true
+}"#;
+
+#[test]
+fn fuzz_sd_unet_config() {
+    use dmd_models::sd::unet::{PerBlock, UNet2DCondition, UNetConfig};
+    let mut texts = vec![TINY_UNET.to_string(), PER_BLOCK_UNET.to_string(), UNetConfig::sd15().to_json()];
+    texts.extend(reference_config("unet"));
+    let device = cpu();
+    sd_json_target(
+        "sd_unet_config",
+        "config.json",
+        texts,
+        Box::new(move |dir| {
+            let p = dir.join("config.json");
+            let b = UNetConfig::from_json_file(&p);
+            // Text (the file when it is UTF-8) and file must agree.
+            if let Ok(text) = String::from_utf8(std::fs::read(&p).unwrap()) {
+                let a = UNetConfig::from_json_str(&text);
+                assert_eq!(a.is_ok(), b.is_ok(), "string and file disagree: {:?} / {:?}", a.err(), b.as_ref().err());
+            }
+            let c = b.map_err(|e| names_file(&p, e.to_string()))?;
+            // What `save` writes back loads as the same config.
+            let again = UNetConfig::from_json_str(&c.to_json()).unwrap_or_else(|e| panic!("a valid config's own JSON does not load: {e}"));
+            assert_same_json(&serde_json::to_value(&again).unwrap(), &serde_json::to_value(&c).unwrap());
+            // Loading builds the network before it compares the weights file: with an empty
+            // file that must be an error (missing tensors), for configs small enough to build.
+            let max = |v: &PerBlock| match v {
+                PerBlock::One(x) => *x,
+                PerBlock::Each(v) => v.iter().copied().max().unwrap_or(0),
+            };
+            let small = c.block_out_channels.len() <= 4
+                && c.block_out_channels.iter().all(|&x| x <= 32)
+                && [max(&c.layers_per_block), max(&c.transformer_layers_per_block)].iter().all(|&x| x <= 2)
+                && max(&c.cross_attention_dim) <= 64
+                && max(&c.attention_head_dim) <= 32
+                && c.time_embedding_dim.unwrap_or(0) <= 256
+                && c.in_channels.max(c.out_channels) <= 16
+                && c.conv_in_kernel.max(c.conv_out_kernel) <= 5;
+            if small {
+                let r = UNet2DCondition::from_named(&c, &NamedTensors::default(), "empty.safetensors", &device, "unet");
+                assert!(r.is_err(), "an empty weights file loads");
+            }
+            Ok(())
+        }),
+    );
+}
+
+#[test]
+fn fuzz_sd_vae_config() {
+    use dmd_models::sd::vae::{AutoencoderKL, VaeConfig};
+    let mut texts = vec![
+        "{}".to_string(),
+        serde_json::to_string_pretty(&VaeConfig::default()).unwrap(),
+        r#"{"_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "layers_per_block": 2, "latent_channels": 2, "norm_num_groups": 4,
+            "scaling_factor": 0.13025, "shift_factor": null, "latents_mean": null, "use_quant_conv": false, "use_post_quant_conv": false,
+            "mid_block_add_attention": false, "sample_size": 32, "force_upcast": true}"#
+            .to_string(),
+    ];
+    texts.extend(reference_config("vae"));
+    let device = cpu();
+    sd_json_target(
+        "sd_vae_config",
+        "config.json",
+        texts,
+        Box::new(move |dir| {
+            let p = dir.join("config.json");
+            let b = VaeConfig::from_json_file(&p);
+            // Text (the file when it is UTF-8) and file must agree.
+            if let Ok(text) = String::from_utf8(std::fs::read(&p).unwrap()) {
+                let a = VaeConfig::from_json_str(&text);
+                assert_eq!(a.is_ok(), b.is_ok(), "string and file disagree: {:?} / {:?}", a.err(), b.as_ref().err());
+            }
+            let c = b.map_err(|e| names_file(&p, e.to_string()))?;
+            let again = VaeConfig::from_json_str(&serde_json::to_string(&c).unwrap()).unwrap_or_else(|e| panic!("a valid config's own JSON does not load: {e}"));
+            assert_same_json(&serde_json::to_value(&again).unwrap(), &serde_json::to_value(&c).unwrap());
+            let small = c.block_out_channels.len() <= 4
+                && c.block_out_channels.iter().all(|&x| x <= 32)
+                && c.layers_per_block <= 2
+                && c.in_channels.max(c.out_channels).max(c.latent_channels) <= 16;
+            if small {
+                let r = AutoencoderKL::from_named(&c, &NamedTensors::default(), "empty.safetensors", &device, "vae");
+                assert!(r.is_err(), "an empty weights file loads");
+            }
+            Ok(())
+        }),
+    );
+}
+
+#[test]
+fn fuzz_sd_clip_config() {
+    use dmd_models::sd::clip::{ClipTextConfig, ClipTextModel};
+    let mut texts = vec![
+        r#"{"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05, "model_type": "clip_text_model"}"#
+            .to_string(),
+        r#"{"vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "max_position_embeddings": 77, "hidden_act": "gelu"}"#
+            .to_string(),
+    ];
+    texts.extend(reference_config("text_encoder"));
+    let device = cpu();
+    sd_json_target(
+        "sd_clip_config",
+        "config.json",
+        texts,
+        Box::new(move |dir| {
+            let p = dir.join("config.json");
+            let c = ClipTextConfig::from_json_file(&p).map_err(|e| names_file(&p, e.to_string()))?;
+            let small = c.vocab_size.max(c.max_position_embeddings) <= 4096 && c.hidden_size <= 64 && c.intermediate_size <= 256 && c.num_hidden_layers <= 4;
+            if small {
+                let r = ClipTextModel::from_named(&c, &NamedTensors::default(), "empty.safetensors", &device);
+                assert!(r.is_err(), "an empty weights file loads");
+            }
+            Ok(())
+        }),
+    );
+}
+
+#[test]
+fn fuzz_sd_scheduler_config() {
+    use dmd_models::sd::scheduler::{sample, Scheduler, SchedulerConfig, SchedulerKind};
+    let texts = vec![
+        // SD v1.5's scheduler/scheduler_config.json.
+        r#"{"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null, "clip_sample": false}"#
+            .to_string(),
+        r#"{"_class_name": "DDIMScheduler", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 50,
+            "set_alpha_to_one": true, "steps_offset": 0, "clip_sample": true, "clip_sample_range": 1.5, "prediction_type": "epsilon",
+            "timestep_spacing": "leading", "rescale_betas_zero_snr": false, "thresholding": false}"#
+            .to_string(),
+        "{}".to_string(),
+    ];
+    let device = cpu();
+    sd_json_target(
+        "sd_scheduler_config",
+        "scheduler_config.json",
+        texts,
+        Box::new(move |dir| {
+            let p = dir.join("scheduler_config.json");
+            let cfg = SchedulerConfig::from_json_file(&p).map_err(|e| names_file(&p, e.to_string()))?;
+            let alphas = cfg.alphas_cumprod();
+            assert_eq!(alphas.len(), cfg.num_train_timesteps);
+            let t = cfg.num_train_timesteps;
+            for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
+                for steps in [0, 1, 2, 3, 5, t / 3, t - 1, t, t + 1] {
+                    let Ok(s) = Scheduler::new(&cfg, kind, steps) else { continue };
+                    assert!(s.timesteps().iter().all(|&x| x < t), "{kind:?}, {steps} steps: timesteps {:?} outside [0, {t})", s.timesteps());
+                    // A short run through every update (the epsilon: the input scaled).
+                    if steps <= 5 {
+                        let z: Tensor<4> = Tensor::ones([1, 1, 1, 2], &device);
+                        let _ = sample(&cfg, kind, steps, z, |x, _| x.mul_scalar(0.5), |_, _| {}).map(|x| x.into_data());
+                    }
+                }
+            }
+            Ok(())
+        }),
+    );
+}
+
+#[test]
+fn fuzz_sd_distill_config() {
+    let mut seeds: Vec<Case> = Vec::new();
+    for f in ["tiny_dmd2.toml", "dmd_sd15.toml", "dmd2_sd15.toml"] {
+        let text = read_repo(&format!("experiments/configs/sd/{f}"));
+        seeds.push(vec![("distill.toml".to_string(), text.clone().into_bytes())]);
+        // Every key, as the run folder's config.toml has it.
+        let cfg = TextDistillConfig::from_file(&repo(&format!("experiments/configs/sd/{f}"))).unwrap();
+        seeds.push(vec![("distill.toml".to_string(), toml::to_string_pretty(&cfg).unwrap().into_bytes())]);
+    }
+    text_target(
+        "sd_distill_config",
+        Syntax::Toml,
+        vec![],
+        seeds,
+        Box::new(|dir| {
+            let p = dir.join("distill.toml");
+            let _ = is_text_config(&p);
+            let cfg = TextDistillConfig::from_file(&p).map_err(|e| names_file(&p, format!("{e:#}")))?;
+            // The run folder keeps the config as written here, and a resume reads it back.
+            let saved = dir.join("saved.toml");
+            std::fs::write(&saved, toml::to_string_pretty(&cfg).unwrap_or_else(|e| panic!("a valid config does not serialise: {e}"))).unwrap();
+            let again = TextDistillConfig::from_file(&saved).unwrap_or_else(|e| panic!("a valid config's saved form does not load: {e:#}"));
+            assert!(again == cfg, "config changed in a save -> load round trip");
+            std::fs::remove_file(&saved).unwrap();
+            Ok(())
+        }),
+    );
+}
+
+#[test]
+fn fuzz_prompt_file() {
+    let builtin = dmd_datasets::prompts::BUILTIN.to_string();
+    let texts = [
+        builtin.lines().take(40).collect::<Vec<_>>().join("\n"),
+        "\u{feff}# prompts\r\na red kite   \r\n\r\n  \n#a comment\na blue boat\t\nCafé déjà vu — naïve\n😀 中文\n".to_string(),
+        "one prompt without a newline".to_string(),
+    ];
+    let seeds: Vec<Case> = texts.iter().map(|t| vec![("prompts.txt".to_string(), t.clone().into_bytes())]).collect();
+    let plain = TextMutator::new(Syntax::Plain, &texts);
+    fuzz(Target {
+        name: "prompt_file",
+        fixed: vec![],
+        seeds,
+        mutate: Box::new(move |rng, seeds| {
+            let mut b = pick(rng, seeds)[0].1.clone();
+            for _ in 0..mutation_count(rng) {
+                match rng.random_range(0..4) {
+                    0 => mutate_bytes(rng, &mut b, &[]),
+                    // Latin-1, a cut UTF-8 sequence, a lone continuation byte, a UTF-16 BOM.
+                    1 => {
+                        let at = rng.random_range(0..=b.len());
+                        b.splice(at..at, pick(rng, &[&b"\xe9"[..], b"\xc3", b"\xe2\x80", b"\x80", b"\xff\xfe", b"\xed\xa0\x80"]).iter().copied());
+                    }
+                    2 => b = plain.mutate(rng, &lossy(&b)).into_bytes(),
+                    _ => b = mutate_prompt(rng, &lossy(&b), &plain.dict).into_bytes(),
+                }
+            }
+            b.truncate(MAX_INPUT);
+            vec![("prompts.txt".to_string(), b)]
+        }),
+        exec: Box::new(|dir| {
+            let p = dir.join("prompts.txt");
+            let prompts = read_prompts(&p).map_err(|e| names_file(&p, e.to_string()))?;
+            assert!(!prompts.is_empty(), "Ok with no prompts");
+            for s in &prompts {
+                assert!(!s.is_empty() && !s.starts_with('#') && !s.contains('\n') && s.trim_end() == s, "prompt {s:?} kept");
+            }
+            let set = PromptSet::from_file(&p).map_err(|e| e.to_string())?;
+            assert_eq!(set.prompts(), prompts.as_slice());
+            for batch in [1, 3, set.len(), set.len() + 2] {
+                assert_eq!(set.batch(7, 1, batch).len(), batch);
+            }
+            Ok(())
+        }),
+    });
 }

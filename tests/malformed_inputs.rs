@@ -1,7 +1,8 @@
 //! Malformed inputs, one of each kind of fault (configs, weights and checkpoints, datasets,
-//! latents, network configs, FID statistics, teacher pairs): `dmd` must refuse every one with a
-//! single `error:` line that names the file and the key, tensor or record at fault, without a
-//! panic, and without writing anything. The corpus and what each case must say are in
+//! latents, network configs, FID statistics, teacher pairs; Stable Diffusion folders,
+//! text-to-image configs, prompt files and `dmd txt2img` options): `dmd` must refuse every one
+//! with a single `error:` line that names the file and the key, tensor or record at fault,
+//! without a panic, and without writing anything. The corpus and what each case must say are in
 //! tests/data/malformed/ (`cases.toml` describes the format).
 
 mod common;
@@ -70,6 +71,92 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// GPT-2's byte -> printable character table: how CLIP's vocabulary spells single bytes.
+fn byte_symbols() -> Vec<String> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut next = 256u32;
+    (0..256u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(c).unwrap().to_string()
+        })
+        .collect()
+}
+
+fn write(path: &Path, bytes: impl AsRef<[u8]>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `sd/` of the corpus (not committed: the weights come from this port's own constructors):
+/// `ok/`, a tiny random Stable Diffusion in the diffusers layout (a CLIP tokenizer of the 512
+/// byte symbols and four merges; a text encoder of width 8; a UNet of channels (8, 8); a VAE
+/// of one block), and copies of it with one thing broken, each named for it. Deterministic.
+fn write_sd_folders(sd: &Path) {
+    use burn::tensor::Device;
+    use dmd_models::nn::Init;
+    use dmd_models::sd::clip::{ClipTextConfig, ClipTextModel};
+    use dmd_models::sd::unet::{UNet2DCondition, UNetConfig, WEIGHTS_FILE};
+    use dmd_models::sd::vae::{AutoencoderKL, VaeConfig};
+    use dmd_models::weights::named_tensors;
+    let device = Device::flex();
+    let ok = sd.join("ok");
+
+    let syms = byte_symbols();
+    let mut vocab: Vec<String> = syms.iter().cloned().chain(syms.iter().map(|s| format!("{s}</w>"))).collect();
+    let merges = ["t h", "th e</w>", "r e", "re d</w>"];
+    vocab.extend(merges.iter().map(|m| m.replace(' ', "")));
+    vocab.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
+    let vocab: serde_json::Map<String, serde_json::Value> = vocab.into_iter().enumerate().map(|(i, t)| (t, serde_json::Value::from(i))).collect();
+    write(&ok.join("tokenizer/vocab.json"), serde_json::to_string(&vocab).unwrap());
+    write(&ok.join("tokenizer/merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n")));
+
+    let clip_json = r#"{"vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77}"#;
+    write(&ok.join("text_encoder/config.json"), clip_json);
+    let clip = ClipTextModel::new(&ClipTextConfig::from_json_file(&ok.join("text_encoder/config.json")).unwrap(), &mut Init::new(&device, 1));
+    named_tensors(&clip).write(&ok.join("text_encoder/model.safetensors")).unwrap();
+
+    let unet_json = r#"{"_class_name": "UNet2DConditionModel", "sample_size": 4, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [8, 8], "layers_per_block": 1, "norm_num_groups": 4, "cross_attention_dim": 8, "attention_head_dim": 2}"#;
+    let unet = UNet2DCondition::new(&UNetConfig::from_json_str(unet_json).unwrap(), &mut Init::new(&device, 2));
+    std::fs::create_dir_all(ok.join("unet")).unwrap();
+    unet.save(&ok.join("unet")).unwrap();
+
+    let vae_json = r#"{"_class_name": "AutoencoderKL", "block_out_channels": [8], "norm_num_groups": 4, "latent_channels": 4, "layers_per_block": 1}"#;
+    write(&ok.join("vae/config.json"), vae_json);
+    let vae = AutoencoderKL::new(&VaeConfig::from_json_str(vae_json).unwrap(), &mut Init::new(&device, 3));
+    named_tensors(&vae).write(&ok.join("vae").join(AutoencoderKL::WEIGHTS_FILE)).unwrap();
+
+    let broken = |name: &str, file: &str, bytes: Vec<u8>| {
+        copy_dir(&ok, &sd.join(name));
+        write(&sd.join(name).join(file), bytes);
+    };
+    broken("vocab_not_json", "tokenizer/vocab.json", b"<|startoftext|> 49406\n<|endoftext|> 49407\n".to_vec());
+    let mut far = vocab.clone();
+    far.insert("x</w>".into(), serde_json::Value::from(100_000));
+    broken("vocab_id_range", "tokenizer/vocab.json", serde_json::to_vec(&far).unwrap());
+    broken("merges_bad_line", "tokenizer/merges.txt", b"#version: 0.2\nt h\nth e </w>\nr e\n".to_vec());
+    let unet_cfg = std::fs::read_to_string(ok.join("unet/config.json")).unwrap();
+    broken("unet_block_type", "unet/config.json", unet_cfg.replacen("\"CrossAttnDownBlock2D\"", "\"AttnDownBlock2D\"", 1).into_bytes());
+    let mut tensors = named_tensors(&unet);
+    tensors.tensors.remove("mid_block.attentions.0.proj_out.weight").expect("the UNet has the tensor");
+    let path = sd.join("unet_missing_tensor/unet").join(WEIGHTS_FILE);
+    copy_dir(&ok, &sd.join("unet_missing_tensor"));
+    tensors.write(&path).unwrap();
+    // A generator folder as `dmd distill` writes one, less its config.json.
+    write(&sd.join("generator_no_config").join(WEIGHTS_FILE), std::fs::read(ok.join("unet").join(WEIGHTS_FILE)).unwrap());
+    write(&sd.join("generator_no_config/dmd_generator.json"), r#"{"timestep": 999}"#);
+    // A generator whose timestep lies past the teacher's 1000.
+    copy_dir(&ok.join("unet"), &sd.join("generator_timestep"));
+    write(&sd.join("generator_timestep/dmd_generator.json"), r#"{"timestep": 5000}"#);
+}
+
 /// What is wrong with how `dmd` handled the case (empty: all good).
 fn check(case: &Case, copy: &Path, out: &Path) -> Vec<String> {
     let sub = |s: &str| s.replace("{out}", out.to_str().unwrap());
@@ -117,7 +204,7 @@ fn check(case: &Case, copy: &Path, out: &Path) -> Vec<String> {
 #[test]
 fn malformed_inputs_give_one_line_errors_naming_file_and_key_and_write_nothing() {
     let cases = cases();
-    assert!(cases.len() >= 34, "the corpus has {} cases", cases.len());
+    assert!(cases.len() >= 74, "the corpus has {} cases", cases.len());
     let mut names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     names.sort();
     names.dedup();
@@ -131,6 +218,7 @@ fn malformed_inputs_give_one_line_errors_naming_file_and_key_and_write_nothing()
     let tmp = scratch("malformed_inputs");
     let copy = tmp.join("corpus");
     copy_dir(&corpus(), &copy);
+    write_sd_folders(&copy.join("sd"));
     let failures: Vec<String> = cases
         .iter()
         .filter_map(|c| {

@@ -15,7 +15,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use dmd_losses::edm::edm_loss;
 use dmd_models::weights::assign_ids;
 use dmd_models::{EdmConfig, EdmPrecond, HostTensor};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -69,6 +69,45 @@ pub struct BenchArgs {
     /// `denoise_fwd_ms`, `teacher_step_ms`, `dmd_step_ms`; every backend under `backends`).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Text-to-image instead: per-image wall time of a one-step generator vs the teacher's
+    /// 50-step PNDM with guidance (51 steps, 102 UNet calls) for this Stable Diffusion folder, text
+    /// encoding and VAE decoding included (`--batch` images per call).
+    #[arg(long)]
+    pub sd: Option<PathBuf>,
+    /// With `--sd`: the one-step generator folder (default: the teacher's UNet, same cost).
+    #[arg(long)]
+    pub sd_generator: Option<PathBuf>,
+    /// With `--sd`: the teacher's PNDM steps.
+    #[arg(long, default_value_t = 50)]
+    pub sd_steps: usize,
+}
+
+/// `dmd bench --sd`: one-step generation vs the teacher's guided PNDM, per backend.
+fn run_txt2img(args: &BenchArgs, sd_dir: &Path) -> Result<()> {
+    println!("# dmd bench --sd {}: ms per image, batch {}, median of {} after 1 warm-up", sd_dir.display(), args.batch, args.iters.max(1));
+    println!("{:<8} {:>16} {:>22} {:>10} {:>12}", "backend", "one-step (ms)", "teacher PNDM (ms)", "speed-up", "UNet calls");
+    let mut per_backend = serde_json::Map::new();
+    for &backend in &args.backends {
+        let device = backend.device()?;
+        let sd = dmd_models::sd::pipeline::StableDiffusion::load(sd_dir, &device)?;
+        let t = crate::txt2img::time_txt2img(&sd, args.sd_generator.as_deref(), args.sd_steps, 3.0, args.batch, args.iters.max(1))?;
+        let speedup = t.teacher_ms / t.one_step_ms;
+        println!("{:<8} {:>16.1} {:>22.1} {:>9.1}x {:>12}", backend.to_string(), t.one_step_ms, t.teacher_ms, speedup, t.teacher_unet_calls);
+        per_backend.insert(
+            backend.to_string(),
+            serde_json::json!({
+                "one_step_ms_per_image": t.one_step_ms,
+                "teacher_pndm_ms_per_image": t.teacher_ms,
+                "teacher_unet_calls": t.teacher_unet_calls,
+                "speedup": speedup,
+            }),
+        );
+    }
+    if let Some(path) = &args.json {
+        let out = serde_json::json!({ "sd": sd_dir.display().to_string(), "batch": args.batch, "pndm_steps": args.sd_steps, "guidance": 3.0, "backends": per_backend });
+        dmd_models::weights::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// The `adm_tiny` architecture of the reference cases: DhariwalUNet, 16x16, 32 channels.
@@ -270,6 +309,9 @@ fn timed_median(warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(dir) = &args.sd {
+        return run_txt2img(args, dir);
+    }
     let cfg = match &args.config {
         Some(p) => EdmConfig::from_json_file(p)?,
         None => EdmConfig::from_json_str(ADM_TINY).context("built-in adm_tiny config")?,

@@ -1,6 +1,6 @@
 //! The `dmd` command line.
 
-use crate::{bench, device::Backend, distill, experiment, fid, pairs, sample, teacher};
+use crate::{bench, device::Backend, distill, experiment, fid, pairs, sample, sd_distill, teacher, txt2img};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -25,8 +25,12 @@ pub enum Command {
     TrainTeacher(RunArgs),
     /// Write the teacher's deterministic ODE outputs for seeded noise (DMD's paired data).
     MakePairs(pairs::MakePairsArgs),
-    /// Distil a teacher into a one-step generator (DMD / DMD2) from a TOML config.
+    /// Distil a teacher into a one-step generator (DMD / DMD2) from a TOML config (an EDM
+    /// teacher, or Stable Diffusion when the config has an `[sd]` section).
     Distill(RunArgs),
+    /// Images from prompts with a Stable Diffusion teacher (PNDM/DDIM, guidance) or a one-step
+    /// generator from `dmd distill`.
+    Txt2img(txt2img::Txt2ImgArgs),
     /// Evaluate a network trained on a built-in 2-D toy distribution (energy distance, modes).
     EvalToy(teacher::EvalToyArgs),
     /// A grid of samples, one row per class.
@@ -77,6 +81,12 @@ pub fn run(cli: Cli) -> Result<()> {
             teacher::train(&cfg, true, a.force_resume).map(|_| ())
         }
         Command::MakePairs(args) => pairs::run(&args),
+        Command::Distill(a) if sd_distill::is_text_config(&a.config) => {
+            let mut cfg = sd_distill::TextDistillConfig::from_file(&a.config)?;
+            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
+            sd_distill::distill(&cfg, true, a.force_resume).map(|_| ())
+        }
+        Command::Txt2img(args) => txt2img::run(&args),
         Command::Distill(a) => {
             let mut cfg = distill::DistillConfig::from_file(&a.config)?;
             a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);

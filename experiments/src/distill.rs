@@ -190,6 +190,66 @@ impl Default for DistillTrainConfig {
     }
 }
 
+impl DistillTrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let t = self;
+        if t.batch_size == 0 || t.total_steps == 0 || t.fake_updates_per_generator_update == 0 || t.log_every == 0 || t.checkpoint_every == 0 {
+            bail!("train: batch_size, total_steps, fake_updates_per_generator_update, log_every and checkpoint_every must be positive");
+        }
+        if t.keep_checkpoints == 0 || t.max_nonfinite_in_a_row == 0 || t.regression_batch_size == 0 {
+            bail!("train.keep_checkpoints, train.max_nonfinite_in_a_row and train.regression_batch_size must be positive");
+        }
+        if !(t.generator_lr > 0.0 && t.generator_lr.is_finite() && t.fake_lr > 0.0 && t.fake_lr.is_finite()) {
+            bail!("train.generator_lr and train.fake_lr must be positive, got {} and {}", t.generator_lr, t.fake_lr);
+        }
+        if !(t.weight_decay >= 0.0 && t.grad_clip >= 0.0) || t.adam_betas.iter().chain(t.ema_decay.as_ref()).any(|b| !(0.0..1.0).contains(b)) {
+            bail!("train: weight_decay and grad_clip must not be negative, adam_betas and ema_decay must lie in [0, 1)");
+        }
+        Ok(())
+    }
+
+    /// The metrics.jsonl line of the steps in `window`, which ended with step index `step`.
+    pub fn metrics_line(&self, window: &[StepStats], step: usize, seconds: f64, skipped_steps: u64) -> serde_json::Value {
+        let mean = |f: &dyn Fn(&StepStats) -> Option<f64>| {
+            let v: Vec<f64> = window.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        serde_json::json!({
+            "step": step + 1,
+            "dm_loss": mean(&|s| s.dm_loss),
+            "regression_loss": mean(&|s| s.regression_loss),
+            "gan_generator_loss": mean(&|s| s.gan_generator_loss),
+            "fake_loss": mean(&|s| Some(s.fake_loss)),
+            "gan_discriminator_loss": mean(&|s| s.gan_discriminator_loss),
+            "generator_grad_norm": mean(&|s| s.generator_grad_norm),
+            "fake_grad_norm": mean(&|s| Some(s.fake_grad_norm)),
+            "generator_lr": warmup_lr(self.generator_lr, step, self.warmup_steps),
+            "fake_lr": warmup_lr(self.fake_lr, step, self.warmup_steps),
+            "samples_per_s": (window.len() * self.batch_size) as f64 / seconds.max(1e-9),
+            "skipped_steps": skipped_steps,
+        })
+    }
+
+    /// Writes the optimisers (`NAME_optim.bpk`) and `state.json` of a checkpoint at `step`
+    /// into `dir` (the step is the position of the learning-rate schedule, of the data and of
+    /// every RNG: step `s` draws from generators seeded with `step_seed(seed, s, stream)`).
+    pub fn save_state(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard, optims: &[(&str, &ModuleOptimizer)]) -> Result<()> {
+        for (name, opt) in optims {
+            let p = dir.join(format!("{name}_optim.bpk"));
+            opt.save(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))?;
+        }
+        let state = serde_json::json!({
+            "step": step,
+            "seed": self.seed,
+            "generator_lr": warmup_lr(self.generator_lr, step.saturating_sub(1), self.warmup_steps),
+            "fake_lr": warmup_lr(self.fake_lr, step.saturating_sub(1), self.warmup_steps),
+            "skipped_steps": nonfinite.skipped_steps,
+        });
+        std::fs::write(dir.join("state.json"), state.to_string())?;
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistillEvalConfig {
@@ -242,13 +302,7 @@ impl DistillConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let t = &self.train;
-        if t.batch_size == 0 || t.total_steps == 0 || t.fake_updates_per_generator_update == 0 || t.log_every == 0 || t.checkpoint_every == 0 {
-            bail!("train: batch_size, total_steps, fake_updates_per_generator_update, log_every and checkpoint_every must be positive");
-        }
-        if t.keep_checkpoints == 0 || t.max_nonfinite_in_a_row == 0 {
-            bail!("train.keep_checkpoints and train.max_nonfinite_in_a_row must be positive");
-        }
+        self.train.validate()?;
         if self.loss.regression != Regression::None && self.loss.regression_weight > 0.0 && self.pairs.is_none() {
             bail!("loss.regression = {:?} needs `pairs` (a folder from `dmd make-pairs`)", self.loss.regression);
         }
@@ -281,12 +335,6 @@ impl DistillConfig {
         }
         if g.steps > 1 && !g.backward_simulation && self.data.is_none() {
             bail!("a multi-step generator without backward_simulation trains on noised real images: give `data`");
-        }
-        if !(t.generator_lr > 0.0 && t.generator_lr.is_finite() && t.fake_lr > 0.0 && t.fake_lr.is_finite()) {
-            bail!("train.generator_lr and train.fake_lr must be positive, got {} and {}", t.generator_lr, t.fake_lr);
-        }
-        if !(t.weight_decay >= 0.0 && t.grad_clip >= 0.0) || t.adam_betas.iter().chain(t.ema_decay.as_ref()).any(|b| !(0.0..1.0).contains(b)) {
-            bail!("train: weight_decay and grad_clip must not be negative, adam_betas and ema_decay must lie in [0, 1)");
         }
         let gr = &self.grid;
         // A bound well past any schedule in use (DMD/DMD2: 1000), so that a typo cannot make
@@ -375,12 +423,60 @@ pub struct StepStats {
 }
 
 impl StepStats {
-    fn add_nonfinite(&mut self, what: String) {
+    pub(crate) fn add_nonfinite(&mut self, what: String) {
         self.nonfinite = Some(match self.nonfinite.take() {
             Some(first) => format!("{first} and {what}"),
             None => what,
         });
     }
+}
+
+/// Backpropagates the generator's loss `total` and takes one clipped optimiser step, unless the
+/// loss or the gradient norm is NaN/Inf: then nothing changes and `stats` records why. Returns
+/// whether the step was applied.
+pub(crate) fn generator_update<M: Module>(total: Tensor<1>, generator: &mut M, optim: &mut ModuleOptimizer, lr: f64, grad_clip: f64, stats: &mut StepStats) -> bool {
+    let value = total.clone().into_scalar::<f64>();
+    if !value.is_finite() {
+        stats.add_nonfinite(format!("generator loss {value}"));
+        return false;
+    }
+    let mut grads = GradientsParams::from_grads(total.backward(), &*generator);
+    let norm = clip_grad_norm(&mut grads, &*generator, grad_clip);
+    stats.generator_grad_norm = Some(norm);
+    if !norm.is_finite() {
+        stats.add_nonfinite(format!("generator gradient norm {norm}"));
+        return false;
+    }
+    *generator = optim.step(lr, generator.clone(), grads);
+    true
+}
+
+/// The fake score's update from its `loss` (with the GAN classifier's, whose head shares one
+/// clipping norm with the fake score, as DMD2 clips its guidance model as a whole); skipped
+/// and recorded in `stats` when the loss or the norm is NaN/Inf.
+pub(crate) fn fake_update<F: Module>(loss: Tensor<1>, fake: &mut F, optim: &mut ModuleOptimizer, gan: Option<&mut Gan>, lr: f64, grad_clip: f64, stats: &mut StepStats) {
+    let value = loss.clone().into_scalar::<f64>();
+    if !value.is_finite() {
+        stats.add_nonfinite(format!("fake-score loss {value}"));
+        return;
+    }
+    let mut grads = loss.backward();
+    let mut fake_grads = GradientsParams::from_module(&mut grads, &*fake);
+    match gan {
+        Some(gan) => {
+            let mut head_grads = GradientsParams::from_module(&mut grads, &gan.head);
+            stats.fake_grad_norm = clip_grad_norm_joint(&mut fake_grads, &*fake, &mut head_grads, &gan.head, grad_clip);
+            if stats.fake_grad_norm.is_finite() {
+                gan.head = gan.optim.step(lr, gan.head.clone(), head_grads);
+            }
+        }
+        None => stats.fake_grad_norm = clip_grad_norm(&mut fake_grads, &*fake, grad_clip),
+    }
+    if !stats.fake_grad_norm.is_finite() {
+        stats.add_nonfinite(format!("fake-score gradient norm {}", stats.fake_grad_norm));
+        return;
+    }
+    *fake = optim.step(lr, fake.clone(), fake_grads);
 }
 
 /// DMD2's GAN classifier: the head on the fake score's bottleneck and its optimiser (its real
@@ -685,25 +781,11 @@ impl Distiller {
                 add(reg, loss_cfg.regression_weight);
             }
             // A NaN/Inf loss or gradient skips the update (weights, EMA, optimiser untouched).
-            let mut applied = true;
-            if let Some(total) = total.take() {
-                let value = total.clone().into_scalar::<f64>();
-                if value.is_finite() {
-                    let mut grads = GradientsParams::from_grads(total.backward(), &self.generator);
-                    let norm = clip_grad_norm(&mut grads, &self.generator, tr.grad_clip);
-                    stats.generator_grad_norm = Some(norm);
-                    if norm.is_finite() {
-                        let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
-                        self.generator = self.generator_optim.step(lr, self.generator.clone(), grads);
-                    } else {
-                        stats.add_nonfinite(format!("generator gradient norm {norm}"));
-                        applied = false;
-                    }
-                } else {
-                    stats.add_nonfinite(format!("generator loss {value}"));
-                    applied = false;
-                }
-            }
+            let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
+            let applied = match total.take() {
+                Some(total) => generator_update(total, &mut self.generator, &mut self.generator_optim, lr, tr.grad_clip, &mut stats),
+                None => true,
+            };
             generated = Some((x.detach(), labels));
             if let (true, Some(ema), Some(decay)) = (applied, self.generator_ema.take(), tr.ema_decay) {
                 self.generator_ema = Some(ema_update(ema, &self.generator, decay));
@@ -731,31 +813,8 @@ impl Distiller {
             stats.gan_discriminator_loss = Some(d.clone().into_scalar::<f64>());
             loss = loss + d.mul_scalar(loss_cfg.gan_discriminator_weight);
         }
-        let value = loss.clone().into_scalar::<f64>();
-        if !value.is_finite() {
-            stats.add_nonfinite(format!("fake-score loss {value}"));
-            return Ok(stats);
-        }
-        let mut grads = loss.backward();
-        let mut fake_grads = GradientsParams::from_module(&mut grads, &self.fake);
         let lr = warmup_lr(tr.fake_lr, step, tr.warmup_steps);
-        match self.gan.as_mut() {
-            Some(gan) => {
-                // One clipping norm over the fake score and the head, as DMD2 clips its
-                // guidance model (both) as a whole.
-                let mut head_grads = GradientsParams::from_module(&mut grads, &gan.head);
-                stats.fake_grad_norm = clip_grad_norm_joint(&mut fake_grads, &self.fake, &mut head_grads, &gan.head, tr.grad_clip);
-                if stats.fake_grad_norm.is_finite() {
-                    gan.head = gan.optim.step(lr, gan.head.clone(), head_grads);
-                }
-            }
-            None => stats.fake_grad_norm = clip_grad_norm(&mut fake_grads, &self.fake, tr.grad_clip),
-        }
-        if !stats.fake_grad_norm.is_finite() {
-            stats.add_nonfinite(format!("fake-score gradient norm {}", stats.fake_grad_norm));
-            return Ok(stats);
-        }
-        self.fake = self.fake_optim.step(lr, self.fake.clone(), fake_grads);
+        fake_update(loss, &mut self.fake, &mut self.fake_optim, self.gan.as_mut(), lr, tr.grad_clip, &mut stats);
         Ok(stats)
     }
 
@@ -782,19 +841,7 @@ impl Distiller {
                 named_tensors(&gan.head).write(&tmp.join("gan_head.safetensors"))?;
                 optims.push(("gan_head", &gan.optim));
             }
-            for (name, opt) in optims {
-                let p = tmp.join(format!("{name}_optim.bpk"));
-                opt.save(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))?;
-            }
-            let state = serde_json::json!({
-                "step": step,
-                "seed": tr.seed,
-                "generator_lr": warmup_lr(tr.generator_lr, step.saturating_sub(1), tr.warmup_steps),
-                "fake_lr": warmup_lr(tr.fake_lr, step.saturating_sub(1), tr.warmup_steps),
-                "skipped_steps": nonfinite.skipped_steps,
-            });
-            std::fs::write(tmp.join("state.json"), state.to_string())?;
-            Ok(())
+            tr.save_state(tmp, step, nonfinite, &optims)
         })
     }
 }
@@ -912,26 +959,9 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
         let done = step + 1;
         bar.inc(1);
         if done % tr.log_every == 0 || done == tr.total_steps {
-            let mean = |f: &dyn Fn(&StepStats) -> Option<f64>| {
-                let v: Vec<f64> = window.iter().filter_map(f).collect();
-                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-            };
-            let line = serde_json::json!({
-                "step": done,
-                "dm_loss": mean(&|s| s.dm_loss),
-                "regression_loss": mean(&|s| s.regression_loss),
-                "gan_generator_loss": mean(&|s| s.gan_generator_loss),
-                "fake_loss": mean(&|s| Some(s.fake_loss)),
-                "gan_discriminator_loss": mean(&|s| s.gan_discriminator_loss),
-                "generator_grad_norm": mean(&|s| s.generator_grad_norm),
-                "fake_grad_norm": mean(&|s| Some(s.fake_grad_norm)),
-                "generator_lr": warmup_lr(tr.generator_lr, step, tr.warmup_steps),
-                "fake_lr": warmup_lr(tr.fake_lr, step, tr.warmup_steps),
-                "samples_per_s": (window.len() * tr.batch_size) as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                "skipped_steps": nonfinite.skipped_steps,
-            });
+            let line = tr.metrics_line(&window, step, t0.elapsed().as_secs_f64(), nonfinite.skipped_steps);
             append_jsonl(&metrics, &line)?;
-            bar.set_message(format!("distill fake loss {:.4}", mean(&|s| Some(s.fake_loss)).unwrap_or(0.0)));
+            bar.set_message(format!("distill fake loss {:.4}", line["fake_loss"].as_f64().unwrap_or(0.0)));
             window.clear();
             t0 = Instant::now();
         }

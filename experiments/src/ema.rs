@@ -2,7 +2,7 @@
 //! images, ramped up with the number of images seen).
 
 use dmd_models::weights::{flat_params, map_params_flat};
-use dmd_models::EdmPrecond;
+use burn::module::Module;
 
 /// EDM's EMA decay for one step: 0.5^(batch / ema_nimg), ema_nimg = min(half-life,
 /// images seen * rampup ratio).
@@ -15,7 +15,7 @@ pub fn ema_beta(batch_size: usize, images_seen: u64, halflife_kimg: f64, rampup_
 }
 
 /// ema <- beta * ema + (1 - beta) * net, on the EMA's device (no autodiff).
-pub fn ema_update(ema: EdmPrecond, net: &EdmPrecond, beta: f64) -> EdmPrecond {
+pub fn ema_update<M: Module>(ema: M, net: &M, beta: f64) -> M {
     let current = flat_params(net);
     map_params_flat(ema, |key, e| {
         let n = current.get(key).expect("EMA and network have the same parameters").clone();

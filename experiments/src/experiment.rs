@@ -583,6 +583,7 @@ pub fn run(cfg: &ExperimentConfig, table: &toml::Table, command: &str, until: St
             batch: p.batch,
             out: dir.clone(),
             device: cfg.device,
+            shard: None,
         };
         check_teacher_stamp(&dir, &teacher_fp)?;
         let done = pairs::finished(&args);

@@ -14,4 +14,6 @@ pub mod optim;
 pub mod output;
 pub mod pairs;
 pub mod sample;
+pub mod sd_distill;
+pub mod txt2img;
 pub mod teacher;

@@ -2,11 +2,15 @@
 //! of DMD's regression loss. Written as shards (`pairs-000000.safetensors`, tensors `latents`
 //! [n,C,H,W], `images` [n,C,H,W] and for conditional teachers `labels` [n,L]) beside a
 //! `pairs.json` manifest; a rerun skips finished shards, so an interrupted job resumes.
+//! `--shard I/N` splits the job over N processes: each writes the shard files k with
+//! k % N == I (pair i always uses seed `seed + i`, shard k always holds pairs
+//! [k * shard_size, (k + 1) * shard_size), batched from its first pair) and the same manifest,
+//! so together they leave the folder byte for byte as one unsharded run does.
 
 use crate::device::Backend;
-use crate::sample::{concat_rows, latents_from_seeds, progress, sample_batched};
+use crate::sample::{concat_rows, latents_from_seeds, progress, sample_batched, Shard};
 use anyhow::{bail, Context, Result};
-use dmd_models::weights::write_atomic;
+use dmd_models::weights::sync_parent;
 use dmd_models::{config_path_for, EdmPrecond, HostTensor, NamedTensors, SamplerConfig, Solver};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -35,6 +39,10 @@ pub struct MakePairsArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub device: Backend,
+    /// `I/N`: write only the shard files k with k % N == I (0 <= I < N), for N processes or
+    /// devices sharing one --out; once all N have run the folder is the unsharded run's.
+    #[arg(long, value_name = "I/N", allow_hyphen_values = true)]
+    pub shard: Option<String>,
 }
 
 /// What a pairs folder holds; a rerun must ask for the same.
@@ -65,6 +73,7 @@ pub fn run(args: &MakePairsArgs) -> Result<()> {
     if args.num == 0 || args.shard_size == 0 || args.batch == 0 {
         bail!("--num, --shard-size and --batch must be positive");
     }
+    let part = Shard::from_arg(args.shard.as_deref())?;
     let sampler = SamplerConfig { solver: Solver::Heun, num_steps: args.steps, ..SamplerConfig::default() };
     sampler.validate().map_err(|e| anyhow::anyhow!("--steps: {e}"))?;
     let device = args.device.device()?;
@@ -88,12 +97,17 @@ pub fn run(args: &MakePairsArgs) -> Result<()> {
             bail!("{}: this folder holds pairs made with other settings ({}); choose another --out", mpath.display(), diff.join(", "));
         }
     }
-    write_atomic(&mpath, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    // Every process of a sharded job writes the same manifest (atomically, each through its own
+    // temporary file).
+    if !mpath.exists() {
+        write_atomic_unique(&mpath, serde_json::to_string_pretty(&manifest)?.as_bytes()).with_context(|| mpath.display().to_string())?;
+    }
     let shards = args.num.div_ceil(args.shard_size);
-    let bar = progress(args.num as u64, "make-pairs");
-    for k in 0..shards {
-        let start = k * args.shard_size;
-        let end = (start + args.shard_size).min(args.num);
+    let range = |k: usize| (k * args.shard_size, ((k + 1) * args.shard_size).min(args.num));
+    let mine: Vec<usize> = (0..shards).filter(|&k| part.owns(k)).collect();
+    let bar = progress(mine.iter().map(|&k| (range(k).1 - range(k).0) as u64).sum(), "make-pairs");
+    for &k in &mine {
+        let (start, end) = range(k);
         if shard_path(&args.out, k).exists() {
             bar.inc((end - start) as u64);
             continue;
@@ -111,8 +125,38 @@ pub fn run(args: &MakePairsArgs) -> Result<()> {
         bar.inc((end - start) as u64);
     }
     bar.finish_and_clear();
-    eprintln!("{} pairs ({} Heun steps of the teacher) in {}", args.num, args.steps, args.out.display());
+    let present = (0..shards).filter(|&k| shard_path(&args.out, k).exists()).count();
+    if present == shards {
+        eprintln!("{} pairs ({} Heun steps of the teacher) in {}", args.num, args.steps, args.out.display());
+    } else {
+        eprintln!(
+            "shard {}/{}: {} of {} shard files in {} ({} pairs, {} Heun steps); the rest belong to the other --shard runs",
+            part.index,
+            part.count,
+            present,
+            shards,
+            args.out.display(),
+            args.num,
+            args.steps
+        );
+    }
     Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file of this process's own (so that processes
+/// writing the same file at once do not share one), synced, then renamed over `path`.
+fn write_atomic_unique(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
 }
 
 /// All pairs of a folder made by `make-pairs`: (latents, images, labels).

@@ -63,6 +63,56 @@ pub struct SampleArgs {
     pub batch: usize,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub device: Backend,
+    /// `I/N`: sample only part I (0-based) of N, into a folder `--out`: the images are cut
+    /// into batches of `--batch` in the order given and this run does batches I, I+N, I+2N, ...
+    /// N runs with the same images, `--batch` and device write exactly the files of one
+    /// unsharded run.
+    #[arg(long, value_name = "I/N", allow_hyphen_values = true)]
+    pub shard: Option<String>,
+}
+
+/// `--shard I/N`: one of N processes (or devices) that split a job, numbered 0..N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole job (`0/1`).
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    /// Parses `I/N` with 0 <= I < N; errors name the flag.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = || anyhow::anyhow!("--shard: cannot read `{spec}` (expected I/N with 0 <= I < N, e.g. 0/4)");
+        let (i, n) = spec.trim().split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 {
+            bail!("--shard {spec}: the number of shards N must be at least 1");
+        }
+        if index >= count {
+            bail!("--shard {spec}: the index I must be below N = {count} (shards are numbered 0..N-1)");
+        }
+        Ok(Self { index, count })
+    }
+
+    /// [`Shard::parse`] of an optional flag; absent: the whole job.
+    pub fn from_arg(spec: Option<&str>) -> Result<Self> {
+        spec.map_or(Ok(Self::WHOLE), Self::parse)
+    }
+
+    /// Whether part `k` (a pair shard, a batch) belongs to this shard: k % N == I.
+    pub fn owns(&self, k: usize) -> bool {
+        k % self.count == self.index
+    }
+
+    /// The rows of an n-row job cut into batches of `batch` that this shard does, in order:
+    /// whole batches of the unsharded run, so every image is computed in the same batch.
+    pub fn batch_rows(&self, n: usize, batch: usize) -> Vec<usize> {
+        let batch = batch.max(1);
+        (0..n).filter(|i| self.owns(i / batch)).collect()
+    }
 }
 
 /// Parses `0-63`, `5`, `0,3,10-12`.
@@ -195,6 +245,14 @@ pub fn rows(t: &HostTensor, start: usize, end: usize) -> HostTensor {
     HostTensor::new(shape, t.data[start * per..end * per].to_vec())
 }
 
+/// The rows `idx` of an [N, ...] tensor, in that order.
+pub fn take_rows(t: &HostTensor, idx: &[usize]) -> HostTensor {
+    let per: usize = t.shape[1..].iter().product();
+    let mut shape = t.shape.clone();
+    shape[0] = idx.len();
+    HostTensor::new(shape, idx.iter().flat_map(|&i| t.data[i * per..(i + 1) * per].iter().copied()).collect())
+}
+
 /// Stacks [n_i, ...] tensors along the first axis.
 pub fn concat_rows(parts: &[HostTensor]) -> HostTensor {
     let mut shape = parts[0].shape.clone();
@@ -270,6 +328,10 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    let shard = Shard::from_arg(args.shard.as_deref())?;
+    if args.shard.is_some() && OutKind::of(&args.out) != OutKind::Folder {
+        bail!("--shard: needs a folder --out (one PNG per image, named by seed), not {}", args.out.display());
+    }
     let device = args.device.device()?;
     let config_path = args.teacher_config.clone().unwrap_or_else(|| config_path_for(&weights));
     let net = EdmPrecond::load(&weights, &config_path, &device, "teacher")?;
@@ -298,6 +360,22 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     if OutKind::of(&args.out) == OutKind::Folder && args.out.is_file() {
         bail!("{}: exists and is a file; --out takes a .safetensors file, a .png grid, or a folder", args.out.display());
     }
+    // A shard keeps whole batches of the unsharded run (same rows, same batch boundaries), so
+    // its images are bit for bit the unsharded run's; each image's noise comes from its seed.
+    let (latents, labels, names, churn_seeds) = if args.shard.is_some() {
+        let idx = shard.batch_rows(latents.shape[0], args.batch);
+        if idx.is_empty() {
+            std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
+            eprintln!("shard {}/{}: no images (only {} batch(es) of {})", shard.index, shard.count, latents.shape[0].div_ceil(args.batch), args.batch);
+            return Ok(());
+        }
+        let names: Vec<String> = idx.iter().map(|&i| names[i].clone()).collect();
+        let churn: Vec<u64> = idx.iter().map(|&i| churn_seeds[i]).collect();
+        (take_rows(&latents, &idx), labels.as_ref().map(|l| take_rows(l, &idx)), names, churn)
+    } else {
+        (latents, labels, names, churn_seeds)
+    };
+    let part = if args.shard.is_some() { format!(" (shard {}/{})", shard.index, shard.count) } else { String::new() };
     if args.generator.is_some() {
         let sigmas = generator_sigmas_of(&weights, args.sigma_max)?;
         let n = latents.shape[0];
@@ -311,13 +389,13 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         }
         bar.finish_and_clear();
         write_images(&args.out, &concat_rows(&outs), labels.as_ref(), &names)?;
-        eprintln!("wrote {n} images ({} generator step(s) at sigma {sigmas:?}) to {}", sigmas.len(), args.out.display());
+        eprintln!("wrote {n} images{part} ({} generator step(s) at sigma {sigmas:?}) to {}", sigmas.len(), args.out.display());
         return Ok(());
     }
     let images = sample_batched(&net, &device, &latents, labels.as_ref(), &cfg, &churn_seeds, args.batch, true);
     write_images(&args.out, &images, labels.as_ref(), &names)?;
     eprintln!(
-        "wrote {} images ({} steps, {} sampler, {} network evaluations each) to {}",
+        "wrote {} images{part} ({} steps, {} sampler, {} network evaluations each) to {}",
         images.shape[0],
         cfg.num_steps,
         match cfg.solver {

@@ -210,13 +210,7 @@ struct TrainState {
     nonfinite: NonFiniteGuard,
 }
 
-/// Mixes the run seed and the step into one generator seed (SplitMix64 finaliser).
-pub fn step_seed(seed: u64, step: u64, stream: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use dmd_datasets::prompts::step_seed;
 
 /// `n` standard normal draws as float32.
 pub fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {

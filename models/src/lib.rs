@@ -10,6 +10,7 @@ pub mod lpips;
 pub mod mlp;
 pub mod nn;
 pub mod precond;
+pub mod sd;
 pub mod sampler;
 pub mod song;
 pub mod weights;

@@ -103,6 +103,14 @@ impl Linear {
         self.weight.shape()[1]
     }
 
+    /// The layer applied to every token of `x` [B, L, C].
+    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, l, c] = x.dims();
+        let y = self.forward(x.reshape([b * l, c]));
+        let out = y.dims()[1];
+        y.reshape([b, l, out])
+    }
+
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let dtype = x.dtype();
         let x = x.matmul(like(self.weight.val(), dtype).transpose());
@@ -247,7 +255,8 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// Repeats every pixel 2x2: [N, C, H, W] -> [N, C, 2H, 2W].
-fn upsample_nearest2x(x: Tensor<4>) -> Tensor<4> {
+/// Repeats every pixel 2x2: [N, C, H, W] -> [N, C, 2H, 2W] (exact, and differentiable).
+pub fn upsample_nearest2x(x: Tensor<4>) -> Tensor<4> {
     let [n, c, h, w] = x.dims();
     x.reshape([n, c, h, 1, w, 1]).expand([n, c, h, 2, w, 2]).reshape([n, c, 2 * h, 2 * w])
 }
@@ -272,6 +281,13 @@ impl GroupNorm {
         }
     }
 
+    /// A group norm with an explicit group count (Stable Diffusion's 32 groups).
+    pub fn with_groups(init: &mut Init, num_channels: usize, num_groups: usize, eps: f64) -> Self {
+        let mut n = Self::new(init, num_channels, eps);
+        n.num_groups = num_groups;
+        n
+    }
+
     /// Normalises in float32 whatever the activations' dtype (as autocast runs group_norm),
     /// and returns the input's dtype. The affine weight is folded into the per-group scale
     /// 1/sqrt(var + eps) first: one full-size pass fewer than normalising, then scaling
@@ -287,6 +303,56 @@ impl GroupNorm {
         let scale = inv_std.expand([n, g, c / g]).reshape([n, c, 1, 1]) * self.weight.val().reshape([1, -1, 1, 1]);
         (centered.reshape([n, c, h, w]) * scale + self.bias.val().reshape([1, -1, 1, 1])).cast(dtype)
     }
+}
+
+/// GELU in its exact erf form (PyTorch's default). Written out because Burn's `gelu`
+/// differentiates the tanh approximation instead.
+pub fn gelu_erf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() * x.div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5)
+}
+
+/// Layer normalisation over the last dimension (PyTorch's `nn.LayerNorm`), in float32.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(init: &mut Init, dim: usize, eps: f64) -> Self {
+        Self { weight: init.param([dim], |_| 1.0), bias: init.param([dim], |_| 0.0), eps }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
+        let centered = x.clone() - x.mean_dim(D - 1);
+        let inv_std = centered.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt().recip();
+        let mut shape = [1usize; D];
+        shape[D - 1] = self.weight.dims()[0];
+        (centered * inv_std * self.weight.val().reshape(shape) + self.bias.val().reshape(shape)).cast(dtype)
+    }
+}
+
+/// Multi-head scaled dot-product attention on token sequences: q [B, Lq, C], k and v
+/// [B, Lk, C] -> [B, Lq, C], heads split along C; `causal` masks later keys (CLIP's text
+/// tower). Weights in float32.
+pub fn multihead_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, num_heads: usize, causal: bool) -> Tensor<3> {
+    let [b, lq, c] = q.dims();
+    let lk = k.dims()[1];
+    let ch = c / num_heads;
+    let dtype = v.dtype();
+    let split = |t: Tensor<3>, l: usize| t.reshape([b, l, num_heads, ch]).swap_dims(1, 2).reshape([b * num_heads, l, ch]);
+    let (q, k, v) = (split(q, lq), split(k, lk), split(v, lk));
+    let mut scores = q.cast(FloatDType::F32).matmul(k.cast(FloatDType::F32).swap_dims(1, 2)).div_scalar((ch as f64).sqrt());
+    if causal {
+        let mask: Vec<f32> = (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask = Tensor::<3>::from_data(TensorData::new(mask, [1, lq, lk]), &scores.device());
+        scores = scores + mask;
+    }
+    let weights = like(softmax(scores, 2), dtype);
+    weights.matmul(v).reshape([b, num_heads, lq, ch]).swap_dims(1, 2).reshape([b, lq, c])
 }
 
 /// Sinusoidal embedding of the noise level (DDPM++ and ADM).

@@ -168,3 +168,6 @@ three = f32([0.1 * i for i in range(6)])
 pairs_dir("missing_shard", 8, [{"latents": ("F32", [4, 2, 1, 1], four), "images": ("F32", [4, 2, 1, 1], four)}])
 pairs_dir("missing_images", 4, [{"latents": ("F32", [4, 2, 1, 1], four)}])
 pairs_dir("short_images", 4, [{"latents": ("F32", [4, 2, 1, 1], four), "images": ("F32", [3, 2, 1, 1], three)}])
+
+# --- prompts/: prompt files, `dmd txt2img --prompt-file` -------------------------------------
+write("prompts/latin1.txt", "a red fox in the snow\n# Latin-1, not UTF-8:\nna\u00efve caf\u00e9 au lait\n".encode("latin-1"))

@@ -1,0 +1,854 @@
+//! `dmd distill` with a Stable Diffusion teacher: DMD / DMD2 on SD's latents, from a TOML
+//! config with an `[sd]` section (see experiments/configs/sd/).
+//!
+//! The generator is a copy of the teacher's UNet run once at t = 999 from pure noise, its
+//! epsilon turned into x_0. The real score is the frozen teacher with classifier-free guidance,
+//! the fake score an unguided copy trained with the epsilon MSE on the generator's latents.
+//! The distribution-matching loss is the one of the EDM path (`dmd_losses::dmd`): in EDM's
+//! terms x_t / sqrt(a_t) = x_0 + sigma_t eps, so the UNet is the denoiser
+//! D(x; sigma_t) = x - sigma_t eps(sqrt(a_t) x, t). DMD's regression compares the generator
+//! with guided teacher samples (PNDM) after VAE decoding; DMD2's GAN head reads the fake
+//! score's mid-block. One training step is [`TextDistiller::step`], top to bottom.
+
+use crate::checkpoint::{append_jsonl, guard_config, read_state, read_toml, recover, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
+use crate::device::Backend;
+use crate::distill::{fake_update, generator_update, DistillTrainConfig, Gan, StepStats};
+use crate::ema::ema_update;
+use crate::optim::warmup_lr;
+use crate::output::grid_png;
+use crate::sample::{progress, take_rows};
+use crate::teacher::{normals, step_seed};
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+use dmd_datasets::prompts::PromptSet;
+use dmd_losses::dmd::{weighted_distribution_matching_loss, DmWeighting};
+use dmd_losses::gan::{discriminator_gan_loss, generator_gan_loss};
+use dmd_losses::regression::{l2, lpips, pseudo_huber, Regression};
+use dmd_models::sd::pipeline::{add_noise, eps_to_x0, guided_eps, StableDiffusion};
+use dmd_models::sd::scheduler::SchedulerKind;
+use dmd_models::sd::unet::UNet2DCondition;
+use dmd_models::weights::{assign_ids, load_named, named_tensors, write_atomic, HostTensor, NamedTensors};
+use serde::Deserializer;
+use dmd_models::{GanHead, Lpips};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The teacher: a diffusers Stable Diffusion folder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdTeacherSpec {
+    /// Folder with `tokenizer/`, `text_encoder/`, `unet/`, `vae/` (and `scheduler/`).
+    pub dir: PathBuf,
+    /// Classifier-free guidance of the real score: DMD's LAION-6.25 setting 3, its LAION-6
+    /// setting 8, DMD2 1.75. The fake score is never guided.
+    pub guidance_scale: f64,
+    /// The generator's timestep (DMD/DMD2: 999, pure noise in).
+    pub generator_timestep: usize,
+    /// The distribution-matching loss draws timesteps from [min, max] * T (DMD2: 2%, 98%).
+    pub min_step_percent: f64,
+    pub max_step_percent: f64,
+}
+
+impl Default for SdTeacherSpec {
+    fn default() -> Self {
+        Self { dir: PathBuf::new(), guidance_scale: 3.0, generator_timestep: 999, min_step_percent: 0.02, max_step_percent: 0.98 }
+    }
+}
+
+/// How the regression loss sees the generator's latents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegressionDecoder {
+    /// SD's own VAE decoder (DMD decodes with a tiny VAE to save memory; any diffusers
+    /// `AutoencoderKL` folder can stand in through `loss.regression_vae`).
+    #[default]
+    Vae,
+    /// Compare latents directly (no decoding; not with LPIPS).
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextLossConfig {
+    pub dm_weight: f64,
+    pub dm_weighting: DmWeighting,
+    /// DMD: LPIPS on decoded images, weight 0.25.
+    pub regression: Regression,
+    pub regression_weight: f64,
+    pub regression_decoder: RegressionDecoder,
+    /// A VAE folder for the regression's decoder instead of the teacher's `vae/`.
+    pub regression_vae: Option<PathBuf>,
+    pub lpips_vgg: Option<PathBuf>,
+    pub lpips_heads: Option<PathBuf>,
+    /// DMD2's GAN on the fake score's mid-block (SD v1.5: 1e-3 and 1e-2).
+    pub gan_generator_weight: f64,
+    pub gan_discriminator_weight: f64,
+    /// Latents reach the classifier noised to a timestep in [0, this).
+    pub gan_max_timestep: usize,
+}
+
+impl Default for TextLossConfig {
+    fn default() -> Self {
+        Self {
+            dm_weight: 1.0,
+            dm_weighting: DmWeighting::Dmd,
+            regression: Regression::None,
+            regression_weight: 0.25,
+            regression_decoder: RegressionDecoder::Vae,
+            regression_vae: None,
+            lpips_vgg: None,
+            lpips_heads: None,
+            gan_generator_weight: 0.0,
+            gan_discriminator_weight: 0.0,
+            gan_max_timestep: 1000,
+        }
+    }
+}
+
+impl TextLossConfig {
+    fn gan(&self) -> bool {
+        self.gan_generator_weight > 0.0 || self.gan_discriminator_weight > 0.0
+    }
+    fn regression_on(&self) -> bool {
+        self.regression != Regression::None && self.regression_weight > 0.0
+    }
+}
+
+/// Teacher pairs (noise, prompt) -> guided teacher sample, made once at the start of a run
+/// and kept in `OUT/pairs.safetensors`: DMD's regression targets, and the "real" latents of
+/// DMD2's GAN classifier (real-image latents are not supported yet).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextPairsConfig {
+    pub num_pairs: usize,
+    pub scheduler: SchedulerKind,
+    pub steps: usize,
+    /// Guidance of the teacher's sampler (default: the real score's).
+    pub guidance_scale: Option<f64>,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+impl Default for TextPairsConfig {
+    fn default() -> Self {
+        Self { num_pairs: 0, scheduler: SchedulerKind::Pndm, steps: 50, guidance_scale: None, seed: 2_000_000, batch_size: 8 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextEvalConfig {
+    /// Prompts of the sample grids (default: the first 4 built-in prompts).
+    pub prompts: Vec<String>,
+    pub seed: u64,
+}
+
+impl Default for TextEvalConfig {
+    fn default() -> Self {
+        Self { prompts: Vec::new(), seed: 1_000_000 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextDistillConfig {
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub device: Backend,
+    pub sd: SdTeacherSpec,
+    /// Prompt file (one per line, `#` comments); default: the built-in prompt set.
+    #[serde(default)]
+    pub prompts: Option<PathBuf>,
+    #[serde(default)]
+    pub loss: TextLossConfig,
+    #[serde(default)]
+    pub pairs: TextPairsConfig,
+    #[serde(default)]
+    pub train: TextTrainConfig,
+    #[serde(default)]
+    pub eval: TextEvalConfig,
+}
+
+/// The distillation's `[train]` settings with SD's defaults where a key is not given: DMD's
+/// SD v1.5 learning rate (1e-5 for both networks) and batch 4 per step on one device.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct TextTrainConfig(pub DistillTrainConfig);
+
+impl Default for TextTrainConfig {
+    fn default() -> Self {
+        Self(DistillTrainConfig { generator_lr: 1e-5, fake_lr: 1e-5, batch_size: 4, regression_batch_size: 4, ..DistillTrainConfig::default() })
+    }
+}
+
+impl<'de> Deserialize<'de> for TextTrainConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let given = toml::Table::deserialize(d)?;
+        let mut merged = toml::Table::try_from(Self::default().0).map_err(D::Error::custom)?;
+        merged.extend(given);
+        merged.try_into().map(Self).map_err(D::Error::custom)
+    }
+}
+
+impl std::ops::Deref for TextTrainConfig {
+    type Target = DistillTrainConfig;
+    fn deref(&self) -> &DistillTrainConfig {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TextTrainConfig {
+    fn deref_mut(&mut self) -> &mut DistillTrainConfig {
+        &mut self.0
+    }
+}
+
+/// Whether a config file is a text-to-image one (it has an `[sd]` section).
+pub fn is_text_config(path: &Path) -> bool {
+    std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()).is_some_and(|t| t.contains_key("sd"))
+}
+
+impl TextDistillConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_toml(path)?;
+        cfg.validate().with_context(|| path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        if self.train.bf16_body {
+            bail!("train.bf16_body: not supported for Stable Diffusion yet (the UNet runs in float32)");
+        }
+        let s = &self.sd;
+        if s.dir.as_os_str().is_empty() {
+            bail!("sd.dir: missing (the Stable Diffusion folder: tokenizer/, text_encoder/, unet/, vae/)");
+        }
+        if !(s.guidance_scale >= 1.0 && s.guidance_scale.is_finite()) {
+            bail!("sd.guidance_scale must be at least 1, got {}", s.guidance_scale);
+        }
+        if !(0.0 <= s.min_step_percent && s.min_step_percent < s.max_step_percent && s.max_step_percent <= 1.0) {
+            bail!("need 0 <= sd.min_step_percent < sd.max_step_percent <= 1, got {} and {}", s.min_step_percent, s.max_step_percent);
+        }
+        let l = &self.loss;
+        if [l.dm_weight, l.regression_weight, l.gan_generator_weight, l.gan_discriminator_weight].iter().any(|w| !(*w >= 0.0 && w.is_finite())) {
+            bail!("loss: weights must be finite and not negative");
+        }
+        if l.regression_on() {
+            if self.pairs.num_pairs == 0 {
+                bail!("loss.regression = {:?} needs teacher pairs: set pairs.num_pairs", l.regression);
+            }
+            if l.regression == Regression::Lpips {
+                if l.regression_decoder == RegressionDecoder::None {
+                    bail!("loss.regression = \"lpips\" compares images: loss.regression_decoder cannot be \"none\"");
+                }
+                if l.lpips_vgg.is_none() || l.lpips_heads.is_none() {
+                    bail!("loss.regression = \"lpips\" needs loss.lpips_vgg and loss.lpips_heads (see tools/lpips_to_safetensors.py)");
+                }
+            }
+        }
+        if l.regression_vae.is_some() && l.regression_decoder == RegressionDecoder::None {
+            bail!("loss.regression_vae is set but loss.regression_decoder = \"none\" compares latents");
+        }
+        if l.gan() && l.gan_max_timestep == 0 {
+            bail!("loss.gan_max_timestep must be positive (latents reach the classifier at a timestep below it)");
+        }
+        if l.gan() && self.pairs.num_pairs == 0 {
+            bail!("loss.gan_*_weight > 0 needs real latents: set pairs.num_pairs (teacher samples stand in for real images)");
+        }
+        let p = &self.pairs;
+        if p.num_pairs > 0 && (p.steps == 0 || p.steps > 1000 || p.batch_size == 0) {
+            bail!("pairs.steps must lie in [1, 1000] and pairs.batch_size be positive");
+        }
+        if p.guidance_scale.is_some_and(|g| !(g >= 1.0 && g.is_finite())) {
+            bail!("pairs.guidance_scale must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Per-sample float tensor on `device`.
+fn vector(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+/// The one-step generator: x_0 from its epsilon at timestep `t` on pure noise `z`.
+pub fn generate(generator: &UNet2DCondition, z: Tensor<4>, context: Tensor<3>, t: usize, alpha_t: f64) -> Tensor<4> {
+    let (n, device) = (z.dims()[0], z.device());
+    let eps = generator.forward(z.clone(), Tensor::full([n], t as f64, &device), context);
+    eps_to_x0(z, eps, Tensor::full([n], alpha_t, &device))
+}
+
+/// A generator folder's timestep (`dmd_generator.json` beside the UNet; 999 when absent).
+pub fn generator_timestep(dir: &Path) -> Result<usize> {
+    let p = dir.join("dmd_generator.json");
+    if !p.exists() {
+        return Ok(999);
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| p.display().to_string())?)
+        .with_context(|| p.display().to_string())?;
+    v["timestep"].as_u64().map(|t| t as usize).with_context(|| format!("{}: no integer `timestep`", p.display()))
+}
+
+/// Writes a generator UNet folder that `dmd txt2img --generator` reads.
+pub fn save_generator(generator: &UNet2DCondition, dir: &Path, timestep: usize) -> Result<()> {
+    generator.save(dir)?;
+    write_atomic(&dir.join("dmd_generator.json"), serde_json::json!({ "timestep": timestep }).to_string().as_bytes())?;
+    Ok(())
+}
+
+/// The real score: the frozen teacher UNet with classifier-free guidance.
+pub struct RealScoreSd<'a> {
+    pub unet: &'a UNet2DCondition,
+    pub uncond: Tensor<3>,
+    pub guidance: f64,
+}
+
+/// DMD's distribution-matching loss of generator latents `x` (autodiff device) at timesteps
+/// `t` with `noise`: the EDM-form loss of `dmd_losses::dmd` with each UNet as the denoiser
+/// D(y; sigma_t) = y - sigma_t eps(sqrt(a_t) y, t), y = x + sigma_t noise = x_t / sqrt(a_t).
+/// `fake` and `context` live on the plain device.
+#[allow(clippy::too_many_arguments)]
+pub fn sd_distribution_matching_loss(
+    x: Tensor<4>,
+    t: &[usize],
+    noise: Tensor<4>,
+    alphas: &[f64],
+    weighting: DmWeighting,
+    real: &RealScoreSd,
+    fake: &UNet2DCondition,
+    context: Tensor<3>,
+) -> dmd_losses::dmd::DmLoss {
+    let device = context.device();
+    let ad = x.device();
+    let sigma = vector(t.iter().map(|&t| ((1.0 - alphas[t]) / alphas[t]).sqrt() as f32).collect(), &ad);
+    let tf = vector(t.iter().map(|&t| t as f32).collect(), &device);
+    let sqrt_a = vector(t.iter().map(|&t| alphas[t].sqrt() as f32).collect(), &device).reshape([-1, 1, 1, 1]);
+    let denoise = |eps_of: &dyn Fn(Tensor<4>) -> Tensor<4>, y: Tensor<4>, s: Tensor<1>| {
+        let x_t = y.clone() * sqrt_a.clone();
+        y - eps_of(x_t) * s.reshape([-1, 1, 1, 1])
+    };
+    let real_eps = |x_t: Tensor<4>| guided_eps(real.unet, x_t, tf.clone(), context.clone(), real.uncond.clone(), real.guidance);
+    let fake_eps = |x_t: Tensor<4>| fake.forward(x_t, tf.clone(), context.clone());
+    weighted_distribution_matching_loss(
+        x,
+        sigma,
+        noise,
+        weighting,
+        |y, s| Tensor::from_inner(denoise(&real_eps, y.inner(), s.inner())),
+        |y, s| Tensor::from_inner(denoise(&fake_eps, y.inner(), s.inner())),
+    )
+}
+
+/// Teacher pairs in memory: noise, teacher latents, their prompts.
+pub struct TextPairs {
+    pub noise: HostTensor,
+    pub latents: HostTensor,
+    pub prompts: Vec<String>,
+}
+
+impl TextPairs {
+    /// What made a set of pairs (besides the prompts, stored with them): a change makes them
+    /// stale.
+    fn recipe(cfg: &TextPairsConfig, guidance: f64, teacher: &Path) -> String {
+        serde_json::json!({
+            "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance_scale": guidance, "seed": cfg.seed, "teacher": teacher.display().to_string(),
+        })
+        .to_string()
+    }
+
+    /// Reads the pairs of `path`, refusing them (name the difference) unless `recipe` and the
+    /// prompts the config would draw (`prompts`) made them.
+    fn read(path: &Path, cfg: &TextPairsConfig, shape: [usize; 3], recipe: &str, prompts: &[String]) -> Result<Self> {
+        let named = NamedTensors::read(path)?;
+        let meta = NamedTensors::read_metadata(path)?;
+        let made_by = meta.get("recipe").map(String::as_str).unwrap_or("unknown");
+        if made_by != recipe {
+            bail!("{}: made with {made_by}, this config asks for {recipe} (delete the file to remake the pairs)", path.display());
+        }
+        let get = |k: &str| named.get(k).cloned().with_context(|| format!("{}: tensor `{k}` missing", path.display()));
+        let (noise, latents) = (get("noise")?, get("latents")?);
+        let want = [cfg.num_pairs, shape[0], shape[1], shape[2]];
+        if noise.shape != want || latents.shape != want {
+            bail!("{}: pairs of shape {:?}, expected {want:?} (delete it to remake the pairs)", path.display(), latents.shape);
+        }
+        let want_prompts = prompts;
+        let prompts: Vec<String> = serde_json::from_str(meta.get("prompts").map(String::as_str).unwrap_or(""))
+            .with_context(|| format!("{}: metadata `prompts` is not a list of strings", path.display()))?;
+        if prompts != want_prompts {
+            bail!("{}: made for other prompts than this config's (prompt file or pairs.seed changed; delete the file to remake the pairs)", path.display());
+        }
+        Ok(Self { noise, latents, prompts })
+    }
+
+    /// The guided teacher's samples for `num_pairs` (seeded noise, prompt) pairs.
+    fn make(sd: &StableDiffusion, all_prompts: &[String], cfg: &TextPairsConfig, guidance: f64, show_progress: bool) -> Result<Self> {
+        let shape = sd.latent_shape();
+        let per = shape.iter().product::<usize>();
+        let uncond = sd.encode_prompts(&[String::new()]);
+        let bar = if show_progress { progress(cfg.num_pairs as u64, "teacher pairs") } else { indicatif::ProgressBar::hidden() };
+        let (mut noise, mut latents) = (Vec::with_capacity(cfg.num_pairs * per), Vec::with_capacity(cfg.num_pairs * per));
+        for start in (0..cfg.num_pairs).step_by(cfg.batch_size) {
+            let end = (start + cfg.batch_size).min(cfg.num_pairs);
+            let mut z = Vec::with_capacity((end - start) * per);
+            for i in start..end {
+                z.extend(normals(&mut StdRng::seed_from_u64(step_seed(cfg.seed, i as u64, 30)), per));
+            }
+            let zt = Tensor::<4>::from_data(TensorData::new(z.clone(), [end - start, shape[0], shape[1], shape[2]]), &sd.device);
+            let cond = sd.encode_prompts(&all_prompts[start..end]);
+            let y = sd.sample_latents(cfg.scheduler, cfg.steps, guidance, zt, cond, uncond.clone(), |_, _| {})?;
+            noise.extend(z);
+            latents.extend(HostTensor::from_tensor(y).data);
+            bar.inc((end - start) as u64);
+        }
+        bar.finish_and_clear();
+        let s = vec![cfg.num_pairs, shape[0], shape[1], shape[2]];
+        Ok(Self { noise: HostTensor::new(s.clone(), noise), latents: HostTensor::new(s, latents), prompts: all_prompts.to_vec() })
+    }
+
+    fn write(&self, path: &Path, recipe: &str) -> Result<()> {
+        let mut named = NamedTensors::default();
+        named.metadata.insert("recipe".into(), recipe.into());
+        named.insert("noise", self.noise.clone());
+        named.insert("latents", self.latents.clone());
+        named.metadata.insert("prompts".into(), serde_json::to_string(&self.prompts)?);
+        named.write(path)?;
+        Ok(())
+    }
+}
+
+
+/// Training state of a text-to-image distillation run.
+pub struct TextDistiller {
+    pub cfg: TextDistillConfig,
+    pub device: Device,
+    pub ad: Device,
+    /// The teacher (frozen): tokenizer, text encoder, real-score UNet, VAE, schedule.
+    pub sd: StableDiffusion,
+    pub generator: UNet2DCondition,
+    pub fake: UNet2DCondition,
+    pub generator_ema: Option<UNet2DCondition>,
+    pub generator_optim: ModuleOptimizer,
+    pub fake_optim: ModuleOptimizer,
+    pub gan: Option<Gan>,
+    pub prompts: PromptSet,
+    pub pairs: Option<TextPairs>,
+    /// The regression's decoder (frozen, on the autodiff device: gradients reach the latents).
+    pub decoder: Option<dmd_models::sd::vae::AutoencoderKL>,
+    pub lpips: Option<Lpips>,
+    pub uncond: Tensor<3>,
+    pub alphas: Vec<f64>,
+    pub shape: [usize; 3],
+}
+
+impl TextDistiller {
+    pub fn new(cfg: &TextDistillConfig, checkpoint: Option<&Path>, show_progress: bool) -> Result<Self> {
+        let device = cfg.device.device()?;
+        let ad = device.clone().autodiff();
+        let dir = &cfg.sd.dir;
+        let sd = StableDiffusion::load(dir, &device).context("sd.dir")?;
+        let shape = sd.latent_shape();
+        let alphas = sd.scheduler.alphas_cumprod();
+        if cfg.sd.generator_timestep >= alphas.len() {
+            bail!("sd.generator_timestep = {} is not below the schedule's {} timesteps", cfg.sd.generator_timestep, alphas.len());
+        }
+        if cfg.loss.gan_max_timestep > alphas.len() {
+            bail!("loss.gan_max_timestep = {} exceeds the schedule's {} timesteps", cfg.loss.gan_max_timestep, alphas.len());
+        }
+        let prompts = match &cfg.prompts {
+            Some(p) => PromptSet::from_file(p)?,
+            None => PromptSet::builtin(),
+        };
+        let tr = &cfg.train;
+        let adamw = || {
+            AdamWConfig::new()
+                .with_beta_1(tr.adam_betas[0] as f32)
+                .with_beta_2(tr.adam_betas[1] as f32)
+                .with_epsilon(1e-8)
+                .with_weight_decay(tr.weight_decay as f32)
+                .init()
+        };
+        let load_optim = |dir: &Path, name: &str| {
+            let p = dir.join(format!("{name}_optim.bpk"));
+            adamw().load(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))
+        };
+        // Each trained network is its own load with ids of its own namespace: Burn's clone()
+        // would share parameters, gradients and optimiser state.
+        let unet = |path: &Path, dev: &Device, ns: &str| -> Result<UNet2DCondition> {
+            let net = UNet2DCondition::load_in_namespace(path, dev, ns)?;
+            sd.check_unet(&net, &path.join("config.json"))?;
+            Ok(net)
+        };
+        let (generator, fake, generator_ema, generator_optim, fake_optim) = match checkpoint {
+            Some(ck) => {
+                let ema = match tr.ema_decay {
+                    Some(_) => Some(unet(&ck.join("generator_ema"), &device, "generator_ema")?),
+                    None => None,
+                };
+                (unet(&ck.join("generator"), &ad, "generator")?, unet(&ck.join("fake"), &ad, "fake")?, ema, load_optim(ck, "generator")?, load_optim(ck, "fake")?)
+            }
+            None => {
+                let teacher_unet = dir.join("unet");
+                let ema = tr.ema_decay.map(|_| unet(&teacher_unet, &device, "generator_ema")).transpose()?;
+                (unet(&teacher_unet, &ad, "generator")?, unet(&teacher_unet, &ad, "fake")?, ema, adamw(), adamw())
+            }
+        };
+        let l = &cfg.loss;
+        let gan = if l.gan() {
+            let channels = fake.mid_channels();
+            let res = shape[1] >> (fake.config().block_out_channels.len() - 1);
+            let head = match checkpoint {
+                Some(ck) => {
+                    let p = ck.join("gan_head.safetensors");
+                    load_named(GanHead::placeholder(channels, res, &ad), &NamedTensors::read(&p)?, &p.display().to_string(), "gan_head")?
+                }
+                None => assign_ids(GanHead::new(channels, res, &ad, step_seed(tr.seed, 0, 32)), "gan_head"),
+            };
+            let optim = match checkpoint {
+                Some(ck) => load_optim(ck, "gan_head")?,
+                None => adamw(),
+            };
+            Some(Gan { head, optim })
+        } else {
+            None
+        };
+        let decoder = match (l.regression_on(), l.regression_decoder, &l.regression_vae) {
+            (true, RegressionDecoder::Vae, Some(vae)) => Some(dmd_models::sd::vae::AutoencoderKL::load(vae, &ad)?),
+            (true, RegressionDecoder::Vae, None) => Some(dmd_models::sd::vae::AutoencoderKL::load(&dir.join("vae"), &ad)?),
+            _ => None,
+        };
+        let lpips = match (l.regression_on() && l.regression == Regression::Lpips, &l.lpips_vgg, &l.lpips_heads) {
+            (true, Some(vgg), Some(heads)) => Some(Lpips::load(vgg, heads, &ad)?),
+            _ => None,
+        };
+        // Made last: hours of teacher sampling at full size, after every other input loaded.
+        let pairs = if cfg.pairs.num_pairs > 0 && (l.regression_on() || l.gan()) {
+            let path = cfg.out_dir.join("pairs.safetensors");
+            let guidance = cfg.pairs.guidance_scale.unwrap_or(cfg.sd.guidance_scale);
+            let recipe = TextPairs::recipe(&cfg.pairs, guidance, dir);
+            let wanted = prompts.batch(0, cfg.pairs.seed, cfg.pairs.num_pairs);
+            Some(if path.exists() {
+                TextPairs::read(&path, &cfg.pairs, shape, &recipe, &wanted)?
+            } else {
+                let pairs = TextPairs::make(&sd, &wanted, &cfg.pairs, guidance, show_progress)?;
+                std::fs::create_dir_all(&cfg.out_dir).with_context(|| cfg.out_dir.display().to_string())?;
+                pairs.write(&path, &recipe)?;
+                pairs
+            })
+        } else {
+            None
+        };
+        let uncond = sd.encode_prompts(&[String::new()]);
+        Ok(Self {
+            cfg: cfg.clone(),
+            device,
+            ad,
+            sd,
+            generator,
+            fake,
+            generator_ema,
+            generator_optim,
+            fake_optim,
+            gan,
+            prompts,
+            pairs,
+            decoder,
+            lpips,
+            uncond,
+            alphas,
+            shape,
+        })
+    }
+
+    fn normal(&self, rng: &mut StdRng, n: usize) -> Tensor<4> {
+        let [c, h, w] = self.shape;
+        Tensor::from_data(TensorData::new(normals(rng, n * c * h * w), [n, c, h, w]), &self.ad)
+    }
+
+    /// `n` timesteps drawn uniformly from [lo, hi): as floats for the UNet, and their a_t.
+    fn timesteps(&self, rng: &mut StdRng, n: usize, lo: usize, hi: usize) -> (Vec<usize>, Tensor<1>, Tensor<1>) {
+        let t: Vec<usize> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+        let tf = vector(t.iter().map(|&t| t as f32).collect(), &self.ad);
+        let a = vector(t.iter().map(|&t| self.alphas[t] as f32).collect(), &self.ad);
+        (t, tf, a)
+    }
+
+    /// The text embeddings of `prompts` on the autodiff device (a constant there).
+    fn context(&self, prompts: &[String]) -> Tensor<3> {
+        Tensor::from_inner(self.sd.encode_prompts(prompts))
+    }
+
+    /// Images the regression compares: decoded (VAE) or the latents themselves.
+    fn regression_view(&self, latents: Tensor<4>) -> Tensor<4> {
+        match &self.decoder {
+            Some(vae) => vae.decode(latents.div_scalar(vae.scaling_factor())),
+            None => latents,
+        }
+    }
+
+    /// DMD2's realism logits of latents `x`: noised to a timestep below `gan_max_timestep`,
+    /// read from `fake`'s mid-block by `head`.
+    fn realism_logits(&self, fake: &UNet2DCondition, head: &GanHead, rng: &mut StdRng, x: Tensor<4>, context: Tensor<3>) -> Tensor<1> {
+        let n = x.dims()[0];
+        let (_, tf, a) = self.timesteps(rng, n, 0, self.cfg.loss.gan_max_timestep.max(1));
+        let x_t = add_noise(x, self.normal(rng, n), a);
+        head.forward(fake.forward_with_mid(x_t, tf, context).1)
+    }
+
+    /// One training step: a generator update (every `fake_updates_per_generator_update`-th
+    /// step), then a fake-score (and GAN classifier) update. All randomness from (seed, step).
+    pub fn step(&mut self, step: usize) -> Result<StepStats> {
+        let cfg = self.cfg.clone();
+        let (tr, l) = (&cfg.train, &cfg.loss);
+        let mut rng = StdRng::seed_from_u64(step_seed(tr.seed, step as u64, 20));
+        self.ad.seed(step_seed(tr.seed, step as u64, 21));
+        let bs = tr.batch_size;
+        let t_gen = cfg.sd.generator_timestep;
+        let prompts = self.prompts.batch(step as u64, tr.seed, bs);
+        let context = self.context(&prompts);
+        let mut stats = StepStats::default();
+        let mut total: Option<Tensor<1>> = None;
+        let mut add = |term: Tensor<1>, weight: f64| {
+            let term = term.mul_scalar(weight);
+            total = Some(match total.take() {
+                Some(t) => t + term,
+                None => term,
+            });
+        };
+
+        // 1. Generator: one step from pure noise, then distribution matching (guided real vs
+        //    fake score), GAN, and regression on teacher pairs.
+        let z = self.normal(&mut rng, bs);
+        let train_generator = step % tr.fake_updates_per_generator_update == 0;
+        let x = if train_generator {
+            generate(&self.generator, z, context.clone(), t_gen, self.alphas[t_gen])
+        } else {
+            Tensor::from_inner(generate(&self.generator.valid(), z.inner(), context.clone().inner(), t_gen, self.alphas[t_gen]))
+        };
+        if train_generator {
+            if l.dm_weight > 0.0 {
+                let t_max = self.alphas.len();
+                let lo = (cfg.sd.min_step_percent * t_max as f64) as usize;
+                let hi = ((cfg.sd.max_step_percent * t_max as f64) as usize + 1).min(t_max).max(lo + 1);
+                let (t, _, _) = self.timesteps(&mut rng, bs, lo, hi);
+                let noise = self.normal(&mut rng, bs);
+                let real = RealScoreSd { unet: &self.sd.unet, uncond: self.uncond.clone(), guidance: cfg.sd.guidance_scale };
+                let dm = sd_distribution_matching_loss(x.clone(), &t, noise, &self.alphas, l.dm_weighting, &real, &self.fake.valid(), context.clone().inner());
+                stats.dm_loss = Some(dm.loss.clone().into_scalar::<f64>());
+                add(dm.loss, l.dm_weight);
+            }
+            if let (Some(gan), true) = (&self.gan, l.gan_generator_weight > 0.0) {
+                // Gradients flow through the frozen fake score and head into the latents only.
+                let logits = self.realism_logits(&self.fake.clone().no_grad(), &gan.head.clone().no_grad(), &mut rng, x.clone(), context.clone());
+                let loss = generator_gan_loss(logits);
+                stats.gan_generator_loss = Some(loss.clone().into_scalar::<f64>());
+                add(loss, l.gan_generator_weight);
+            }
+            if let (Some(pairs), true) = (&self.pairs, l.regression_on()) {
+                let m = tr.regression_batch_size.min(pairs.prompts.len());
+                let idx: Vec<usize> = (0..m).map(|_| rng.random_range(0..pairs.prompts.len())).collect();
+                let z_ref = take_rows(&pairs.noise, &idx).to_tensor::<4>(&self.ad);
+                let y_ref = take_rows(&pairs.latents, &idx).to_tensor::<4>(&self.ad);
+                let ctx_ref = self.context(&idx.iter().map(|&i| pairs.prompts[i].clone()).collect::<Vec<_>>());
+                let g_ref = generate(&self.generator, z_ref, ctx_ref, t_gen, self.alphas[t_gen]);
+                let (g_img, y_img) = (self.regression_view(g_ref), self.regression_view(y_ref).detach());
+                let reg = match (l.regression, &self.lpips) {
+                    (Regression::L2, _) => l2(g_img, y_img),
+                    (Regression::PseudoHuber, _) => pseudo_huber(g_img, y_img),
+                    (Regression::Lpips, Some(net)) => lpips(g_img.clamp(-1.0, 1.0), y_img.clamp(-1.0, 1.0), net),
+                    (Regression::None | Regression::Lpips, _) => unreachable!("validated"),
+                };
+                stats.regression_loss = Some(reg.clone().into_scalar::<f64>());
+                add(reg, l.regression_weight);
+            }
+            // A NaN/Inf loss or gradient skips the update (weights, EMA, optimiser untouched).
+            let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
+            let applied = match total.take() {
+                Some(total) => generator_update(total, &mut self.generator, &mut self.generator_optim, lr, tr.grad_clip, &mut stats),
+                None => true,
+            };
+            if let (true, Some(ema), Some(decay)) = (applied, self.generator_ema.take(), tr.ema_decay) {
+                self.generator_ema = Some(ema_update(ema, &self.generator.valid(), decay));
+            }
+        }
+
+        // 2. Fake score: epsilon MSE on the generator's latents at a uniform timestep; the GAN
+        //    classifier tells teacher latents from the generator's on the mid-block.
+        let x = x.detach();
+        let (_, tf, a) = self.timesteps(&mut rng, bs, 0, self.alphas.len());
+        let noise = self.normal(&mut rng, bs);
+        let eps = self.fake.forward(add_noise(x.clone(), noise.clone(), a), tf, context.clone());
+        let mut loss = (eps - noise).square().mean();
+        stats.fake_loss = loss.clone().into_scalar::<f64>();
+        if let (Some(gan), Some(pairs), true) = (&self.gan, &self.pairs, l.gan_discriminator_weight > 0.0) {
+            let idx: Vec<usize> = (0..bs).map(|_| rng.random_range(0..pairs.prompts.len())).collect();
+            let real = take_rows(&pairs.latents, &idx).to_tensor::<4>(&self.ad);
+            let real_ctx = self.context(&idx.iter().map(|&i| pairs.prompts[i].clone()).collect::<Vec<_>>());
+            let logits_real = self.realism_logits(&self.fake, &gan.head, &mut rng, real, real_ctx);
+            let logits_fake = self.realism_logits(&self.fake, &gan.head, &mut rng, x, context);
+            let d = discriminator_gan_loss(logits_real, logits_fake);
+            stats.gan_discriminator_loss = Some(d.clone().into_scalar::<f64>());
+            loss = loss + d.mul_scalar(l.gan_discriminator_weight);
+        }
+        let lr = warmup_lr(tr.fake_lr, step, tr.warmup_steps);
+        fake_update(loss, &mut self.fake, &mut self.fake_optim, self.gan.as_mut(), lr, tr.grad_clip, &mut stats);
+        Ok(stats)
+    }
+
+    /// The generator to sample from: its EMA when kept.
+    pub fn sampling_generator(&self) -> UNet2DCondition {
+        self.generator_ema.clone().unwrap_or_else(|| self.generator.valid())
+    }
+
+    /// Decoded one-step samples of the eval prompts (seeds eval.seed + i), as a PNG grid.
+    fn preview(&self) -> Result<Vec<u8>> {
+        let prompts = eval_prompts(&self.cfg);
+        let images = one_step_images(&self.sd, &self.sampling_generator(), &prompts, self.cfg.eval.seed, self.cfg.sd.generator_timestep);
+        grid_png(&images)
+    }
+
+    fn save(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard) -> Result<()> {
+        let tr = &self.cfg.train;
+        write_dir_atomically(dir, tr.keep_checkpoints, |tmp| {
+            std::fs::write(tmp.join("config.toml"), toml::to_string_pretty(&self.cfg)?)?;
+            self.generator.save(&tmp.join("generator"))?;
+            self.fake.save(&tmp.join("fake"))?;
+            if let Some(ema) = &self.generator_ema {
+                ema.save(&tmp.join("generator_ema"))?;
+            }
+            let mut optims = vec![("generator", &self.generator_optim), ("fake", &self.fake_optim)];
+            if let Some(gan) = &self.gan {
+                named_tensors(&gan.head).write(&tmp.join("gan_head.safetensors"))?;
+                optims.push(("gan_head", &gan.optim));
+            }
+            tr.save_state(tmp, step, nonfinite, &optims)
+        })
+    }
+}
+
+fn eval_prompts(cfg: &TextDistillConfig) -> Vec<String> {
+    if cfg.eval.prompts.is_empty() {
+        dmd_datasets::prompts::builtin_prompts().into_iter().take(4).collect()
+    } else {
+        cfg.eval.prompts.clone()
+    }
+}
+
+/// Seeded standard-normal latents, one image per seed ([n, C, H, W] on `device`).
+pub fn seeded_latents(seeds: &[u64], shape: [usize; 3], device: &Device) -> Tensor<4> {
+    let per: usize = shape.iter().product();
+    let z: Vec<f32> = seeds.iter().flat_map(|&s| normals(&mut StdRng::seed_from_u64(s), per)).collect();
+    Tensor::from_data(TensorData::new(z, [seeds.len(), shape[0], shape[1], shape[2]]), device)
+}
+
+/// One-step images in [-1, 1] of `generator` for `prompts` (seeds `seed + i`).
+pub fn one_step_images(sd: &StableDiffusion, generator: &UNet2DCondition, prompts: &[String], seed: u64, timestep: usize) -> HostTensor {
+    let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| seed + i).collect();
+    let z = seeded_latents(&seeds, sd.latent_shape(), &sd.device);
+    let alpha = sd.scheduler.alphas_cumprod()[timestep];
+    let x = generate(generator, z, sd.encode_prompts(prompts), timestep, alpha);
+    HostTensor::from_tensor(sd.decode(x))
+}
+
+fn resume_key(cfg: &TextDistillConfig) -> TextDistillConfig {
+    let mut c = cfg.clone();
+    c.train.total_steps = 0;
+    c.train.log_every = 0;
+    c.train.checkpoint_every = 0;
+    c.train.sample_every = 0;
+    c.train.keep_checkpoints = 0;
+    c.train.max_nonfinite_in_a_row = 0;
+    c.eval = TextEvalConfig::default();
+    c.device = Backend::Cpu;
+    c.out_dir = PathBuf::new();
+    c
+}
+
+/// Distils (or resumes) the text-to-image run of `cfg`.
+pub fn distill(cfg: &TextDistillConfig, show_progress: bool, force_resume: bool) -> Result<PathBuf> {
+    let out = &cfg.out_dir;
+    let saved = out.join("config.toml");
+    let previous = if saved.exists() { Some(TextDistillConfig::from_file(&saved)?) } else { None };
+    let existed = out.exists();
+    if existed {
+        guard_config(&saved, cfg, previous, resume_key, force_resume)?;
+    }
+    let ckpt = out.join("checkpoint");
+    recover(&ckpt)?;
+    let resume = ckpt.join("state.json").exists();
+    let (start, mut nonfinite) = if resume {
+        let (step, state) = read_state(&ckpt)?;
+        (step, NonFiniteGuard::resumed(state["skipped_steps"].as_u64().unwrap_or(0)))
+    } else {
+        (0, NonFiniteGuard::default())
+    };
+    // A new run checks its inputs (teacher, prompts) before it creates its folder.
+    let mut d = TextDistiller::new(cfg, resume.then_some(ckpt.as_path()), show_progress)?;
+    if !existed {
+        guard_config(&saved, cfg, None, resume_key, force_resume)?;
+    }
+    if resume {
+        eprintln!("resuming {} from step {start}", out.display());
+    }
+    let metrics = out.join("metrics.jsonl");
+    truncate_jsonl(&metrics, start)?;
+    let l = &cfg.loss;
+    eprintln!(
+        "distilling {} (text-to-image, guidance {}) into a one-step generator on {} (dm x {}, regression {:?} x {}, GAN x {}/{}, {} fake update(s) per generator update, {} prompts)",
+        cfg.sd.dir.display(),
+        cfg.sd.guidance_scale,
+        cfg.device,
+        l.dm_weight,
+        l.regression,
+        if l.regression_on() { l.regression_weight } else { 0.0 },
+        l.gan_generator_weight,
+        l.gan_discriminator_weight,
+        cfg.train.fake_updates_per_generator_update,
+        d.prompts.len()
+    );
+    let tr = &cfg.train;
+    let bar = if show_progress { progress(tr.total_steps as u64, "distill") } else { indicatif::ProgressBar::hidden() };
+    bar.set_position(start as u64);
+    let mut window: Vec<StepStats> = Vec::new();
+    let mut t0 = Instant::now();
+    for step in start..tr.total_steps {
+        let stats = d.step(step)?;
+        if let Some(what) = &stats.nonfinite {
+            bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
+        }
+        nonfinite.record(step, stats.nonfinite.as_deref(), tr.max_nonfinite_in_a_row, &ckpt)?;
+        window.push(stats);
+        let done = step + 1;
+        bar.inc(1);
+        if done % tr.log_every == 0 || done == tr.total_steps {
+            let line = tr.metrics_line(&window, step, t0.elapsed().as_secs_f64(), nonfinite.skipped_steps);
+            append_jsonl(&metrics, &line)?;
+            bar.set_message(format!("distill fake loss {:.4}", line["fake_loss"].as_f64().unwrap_or(0.0)));
+            window.clear();
+            t0 = Instant::now();
+        }
+        if (done % tr.checkpoint_every == 0 && nonfinite.in_a_row == 0) || done == tr.total_steps {
+            d.save(&ckpt, done, &nonfinite)?;
+        }
+        if tr.sample_every > 0 && (done % tr.sample_every == 0 || done == tr.total_steps) {
+            write_atomic(&out.join("samples").join(format!("step-{done:07}.png")), &d.preview()?)?;
+        }
+    }
+    bar.finish_and_clear();
+    let path = out.join("generator");
+    save_generator(&d.sampling_generator(), &path, cfg.sd.generator_timestep)?;
+    eprintln!(
+        "one-step generator: {} (generate with `dmd txt2img --teacher {} --generator {} --prompt ...`)",
+        path.display(),
+        cfg.sd.dir.display(),
+        path.display()
+    );
+    Ok(path)
+}
