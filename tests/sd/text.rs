@@ -2,7 +2,6 @@
 //! tokenizer on the real vocabulary, the CLIP text encoder on a tiny random checkpoint, and
 //! one-line errors for broken files.
 
-mod common;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dmd_models::nn::Init;
@@ -28,7 +27,7 @@ fn int_tensor(shape: &[usize], data: &[i64], device: &burn::tensor::Device) -> T
 
 #[test]
 fn tokenizer_matches_clip_tokenizer() {
-    let Some(dir) = common::reference_dir("sd") else { return };
+    let Some(dir) = crate::common::reference_dir("sd") else { return };
     let tok = ClipTokenizer::load(&dir.join("tokenizer")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tok.vocab_size(), 49408);
     assert_eq!((tok.start_id(), tok.end_id()), (49406, 49407));
@@ -50,9 +49,9 @@ fn tokenizer_matches_clip_tokenizer() {
 
 #[test]
 fn tokenizer_errors_name_the_file() {
-    let Some(dir) = common::reference_dir("sd") else { return };
+    let Some(dir) = crate::common::reference_dir("sd") else { return };
     let src = dir.join("tokenizer");
-    let tmp = common::scratch("sd_text_tokenizer_errors");
+    let tmp = crate::common::scratch("sd_text_tokenizer_errors");
     std::fs::copy(src.join("vocab.json"), tmp.join("vocab.json")).unwrap();
     let err = ClipTokenizer::load(&tmp).unwrap_err().to_string();
     assert!(err.contains("merges.txt") && !err.contains('\n'), "{err}");
@@ -70,16 +69,16 @@ fn tokenizer_errors_name_the_file() {
 
 #[test]
 fn text_encoder_matches_transformers() {
-    let Some(dir) = common::reference_dir("sd") else { return };
+    let Some(dir) = crate::common::reference_dir("sd") else { return };
     let cases = dir.join("sd_cases.safetensors");
-    let want = common::read(&cases);
-    for (name, device) in common::cpu_backends() {
+    let want = crate::common::read(&cases);
+    for (name, device) in crate::common::cpu_backends() {
         let model = ClipTextModel::load(&dir.join("text_encoder"), &device).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(model.hidden_size(), 32);
         for (ids_key, out_key) in [("input_ids", "text_embeddings"), ("uncond_input_ids", "uncond_embeddings")] {
             let (shape, ids) = read_i64(&cases, ids_key);
             let got = HostTensor::from_tensor(model.forward(int_tensor(&shape, &ids, &device)));
-            common::assert_close(&format!("{name} {out_key}"), &got, common::get(&want, out_key), 1e-5);
+            crate::common::assert_close(&format!("{name} {out_key}"), &got, crate::common::get(&want, out_key), 1e-5);
         }
     }
 }
@@ -87,11 +86,11 @@ fn text_encoder_matches_transformers() {
 /// The network's parameter names are the file's (less `position_ids`, which is a buffer).
 #[test]
 fn parameter_names_match_the_file() {
-    let Some(dir) = common::reference_dir("sd") else { return };
+    let Some(dir) = crate::common::reference_dir("sd") else { return };
     let te = dir.join("text_encoder");
     let cfg = ClipTextConfig::from_json_file(&te.join("config.json")).unwrap();
     let net = ClipTextModel::new(&cfg, &mut Init::new(&burn::tensor::Device::flex(), 0));
-    let file = common::read(&te.join("model.safetensors"));
+    let file = crate::common::read(&te.join("model.safetensors"));
     let file_shapes: std::collections::BTreeMap<String, Vec<usize>> =
         file.tensors.iter().filter(|(k, _)| !k.ends_with("position_ids")).map(|(k, t)| (k.clone(), t.shape.clone())).collect();
     assert_eq!(named_shapes(&net), file_shapes);
@@ -105,15 +104,15 @@ fn parameter_names_match_the_file() {
 /// SD v1.5's own file names every tensor `text_model.…` and holds a `position_ids` buffer.
 #[test]
 fn loads_prefixed_names_and_ignores_position_ids() {
-    let Some(dir) = common::reference_dir("sd") else { return };
+    let Some(dir) = crate::common::reference_dir("sd") else { return };
     let te = dir.join("text_encoder");
-    let file = common::read(&te.join("model.safetensors"));
+    let file = crate::common::read(&te.join("model.safetensors"));
     let mut prefixed = NamedTensors::default();
     for (k, t) in &file.tensors {
         prefixed.insert(format!("text_model.{k}"), t.clone());
     }
     prefixed.insert("text_model.embeddings.position_ids", HostTensor::new(vec![1, 77], (0..77).map(|i| i as f32).collect()));
-    let tmp = common::scratch("sd_text_prefixed");
+    let tmp = crate::common::scratch("sd_text_prefixed");
     std::fs::copy(te.join("config.json"), tmp.join("config.json")).unwrap();
     prefixed.write(&tmp.join("model.safetensors")).unwrap();
 
@@ -135,11 +134,11 @@ fn loads_prefixed_names_and_ignores_position_ids() {
 
 #[test]
 fn broken_text_encoder_files_give_one_line_errors() {
-    let Some(dir) = common::reference_dir("sd") else { return };
+    let Some(dir) = crate::common::reference_dir("sd") else { return };
     let te = dir.join("text_encoder");
-    let file = common::read(&te.join("model.safetensors"));
+    let file = crate::common::read(&te.join("model.safetensors"));
     let device = burn::tensor::Device::flex();
-    let tmp = common::scratch("sd_text_broken");
+    let tmp = crate::common::scratch("sd_text_broken");
     std::fs::copy(te.join("config.json"), tmp.join("config.json")).unwrap();
     let weights = tmp.join("model.safetensors");
 

@@ -2,10 +2,9 @@
 //! random VAE with SD v1.5's structure, channels (32, 64)): the encoder posterior and the
 //! decoder output, the gradient through the decoder, and the errors for a damaged weights file.
 
-mod common;
 
 use burn::tensor::Tensor;
-use common::*;
+use crate::common::*;
 use dmd_models::sd::vae::{AutoencoderKL, VaeConfig};
 use dmd_models::HostTensor;
 use std::path::Path;

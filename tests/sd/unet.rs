@@ -3,10 +3,9 @@
 //! width 32): the epsilon prediction, the errors for a damaged weights file or an unsupported
 //! config, the save -> load round trip, and a backward pass on an autodiff device.
 
-mod common;
 
 use burn::tensor::{Device, Tensor};
-use common::*;
+use crate::common::*;
 use dmd_models::nn::Init;
 use dmd_models::sd::unet::{UNet2DCondition, UNetConfig, CONFIG_FILE, WEIGHTS_FILE};
 use dmd_models::{HostTensor, NamedTensors};
@@ -212,7 +211,7 @@ fn linear_projection_variant_runs() {
 }
 
 /// SD v1.5's full-size UNet has 859,520,964 parameters (diffusers). Ignored by default: it
-/// allocates 3.4 GB. `cargo test --test sd_unet -- --ignored`.
+/// allocates 3.4 GB. `cargo test --test sd sd15_parameter_count -- --ignored`.
 #[test]
 #[ignore]
 fn sd15_parameter_count() {

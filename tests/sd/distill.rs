@@ -3,10 +3,9 @@
 //! diffusers' `add_noise` latents, guided real score), and `dmd distill` + `dmd txt2img`
 //! end to end, with a resumed run repeating the uninterrupted one bit for bit.
 
-mod common;
 
 use burn::tensor::{Device, Tensor};
-use common::*;
+use crate::common::*;
 use dmd_experiments::sd_distill::{sd_distribution_matching_loss, RealScoreSd};
 use dmd_losses::dmd::DmWeighting;
 use dmd_models::sd::scheduler::SchedulerConfig;
@@ -195,7 +194,7 @@ fn shipped_text_to_image_configs_parse() {
 /// SD v1.5 at full size with random weights (CLIP ViT-L/14 text tower, the 860M UNet, the VAE
 /// at 512x512; ~4.3 GB of float32): one-step generation of one 512x512 image, and one guided
 /// UNet call of the teacher's sampler, timed on flex. Ignored by default (minutes, memory):
-/// `cargo test --release --test sd_distill -- --ignored --nocapture`.
+/// `cargo test --test sd full_size -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn full_size_sd15_one_step_and_teacher_call() {

@@ -2,10 +2,9 @@
 //! `alphas_cumprod`, the PNDM (PLMS) and DDIM timesteps, and the whole 50-step PNDM and
 //! 20-step DDIM trajectories with classifier-free guidance 3 on the tiny random UNet.
 
-mod common;
 
 use burn::tensor::Tensor;
-use common::{assert_close, cpu_backends, get, read, reference_dir};
+use crate::common::{assert_close, cpu_backends, get, read, reference_dir};
 use dmd_models::sd::pipeline::guided_eps;
 use dmd_models::sd::scheduler::{sample, Scheduler, SchedulerConfig, SchedulerKind};
 use dmd_models::sd::unet::UNet2DCondition;
@@ -65,7 +64,7 @@ fn guided_pndm_and_ddim_trajectories_match_diffusers() {
 #[test]
 fn scheduler_configs_are_checked() {
     let Some(_) = reference_dir("sd") else { return };
-    let dir = common::scratch("sd_scheduler_config");
+    let dir = crate::common::scratch("sd_scheduler_config");
     let write = |text: &str| {
         let p = dir.join("scheduler_config.json");
         std::fs::write(&p, text).unwrap();
