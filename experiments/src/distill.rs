@@ -944,37 +944,7 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
         l.gan_discriminator_weight,
         cfg.train.fake_updates_per_generator_update
     );
-    let tr = &cfg.train;
-    let bar = if show_progress { progress(tr.total_steps as u64, "distill") } else { indicatif::ProgressBar::hidden() };
-    bar.set_position(start as u64);
-    let mut window: Vec<StepStats> = Vec::new();
-    let mut t0 = Instant::now();
-    for step in start..tr.total_steps {
-        let stats = d.step(step)?;
-        if let Some(what) = &stats.nonfinite {
-            bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
-        }
-        nonfinite.record(step, stats.nonfinite.as_deref(), tr.max_nonfinite_in_a_row, &ckpt)?;
-        window.push(stats);
-        let done = step + 1;
-        bar.inc(1);
-        if done % tr.log_every == 0 || done == tr.total_steps {
-            let line = tr.metrics_line(&window, step, t0.elapsed().as_secs_f64(), nonfinite.skipped_steps);
-            append_jsonl(&metrics, &line)?;
-            bar.set_message(format!("distill fake loss {:.4}", line["fake_loss"].as_f64().unwrap_or(0.0)));
-            window.clear();
-            t0 = Instant::now();
-        }
-        // No checkpoint inside a streak of skipped steps: the one kept stays the last good one.
-        if (done % tr.checkpoint_every == 0 && nonfinite.in_a_row == 0) || done == tr.total_steps {
-            d.save(&ckpt, done, &nonfinite)?;
-        }
-        if tr.sample_every > 0 && (done % tr.sample_every == 0 || done == tr.total_steps) {
-            let png = preview(&d.sampling_generator(), &d.device, &d.generator_sigmas, cfg.eval.seed)?;
-            write_atomic(&out.join("samples").join(format!("step-{done:07}.png")), &png)?;
-        }
-    }
-    bar.finish_and_clear();
+    run_steps(&mut d, &cfg.train, start, &mut nonfinite, &ckpt, out, show_progress)?;
     let generator = d.sampling_generator();
     let path = out.join("generator.safetensors");
     save_generator(&generator, &path, &d.generator_sigmas)?;
@@ -990,6 +960,61 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
         None => None,
     };
     Ok(DistillRun { generator: path, eval })
+}
+
+/// What the training loop of [`run_steps`] drives: one step, a checkpoint, a preview image.
+pub(crate) trait StepRunner {
+    fn run_step(&mut self, step: usize) -> Result<StepStats>;
+    fn save_checkpoint(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard) -> Result<()>;
+    fn preview_png(&self) -> Result<Vec<u8>>;
+}
+
+impl StepRunner for Distiller {
+    fn run_step(&mut self, step: usize) -> Result<StepStats> {
+        self.step(step)
+    }
+    fn save_checkpoint(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard) -> Result<()> {
+        self.save(dir, step, nonfinite)
+    }
+    fn preview_png(&self) -> Result<Vec<u8>> {
+        preview(&self.sampling_generator(), &self.device, &self.generator_sigmas, self.cfg.eval.seed)
+    }
+}
+
+/// Steps `start..total_steps` of a distillation: the NaN/Inf guard, metrics.jsonl every
+/// `log_every` steps, checkpoints (none inside a streak of skipped steps: the one kept stays the
+/// last good one) and sample grids in `out/samples/`.
+pub(crate) fn run_steps(d: &mut impl StepRunner, tr: &DistillTrainConfig, start: usize, nonfinite: &mut NonFiniteGuard, ckpt: &Path, out: &Path, show_progress: bool) -> Result<()> {
+    let metrics = out.join("metrics.jsonl");
+    let bar = if show_progress { progress(tr.total_steps as u64, "distill") } else { indicatif::ProgressBar::hidden() };
+    bar.set_position(start as u64);
+    let mut window: Vec<StepStats> = Vec::new();
+    let mut t0 = Instant::now();
+    for step in start..tr.total_steps {
+        let stats = d.run_step(step)?;
+        if let Some(what) = &stats.nonfinite {
+            bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
+        }
+        nonfinite.record(step, stats.nonfinite.as_deref(), tr.max_nonfinite_in_a_row, ckpt)?;
+        window.push(stats);
+        let done = step + 1;
+        bar.inc(1);
+        if done % tr.log_every == 0 || done == tr.total_steps {
+            let line = tr.metrics_line(&window, step, t0.elapsed().as_secs_f64(), nonfinite.skipped_steps);
+            append_jsonl(&metrics, &line)?;
+            bar.set_message(format!("distill fake loss {:.4}", line["fake_loss"].as_f64().unwrap_or(0.0)));
+            window.clear();
+            t0 = Instant::now();
+        }
+        if (done % tr.checkpoint_every == 0 && nonfinite.in_a_row == 0) || done == tr.total_steps {
+            d.save_checkpoint(ckpt, done, nonfinite)?;
+        }
+        if tr.sample_every > 0 && (done % tr.sample_every == 0 || done == tr.total_steps) {
+            write_atomic(&out.join("samples").join(format!("step-{done:07}.png")), &d.preview_png()?)?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
 }
 
 /// A sample grid (scatter plot for 2-D points) of the generator, same seeds every time.

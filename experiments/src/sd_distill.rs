@@ -10,9 +10,9 @@
 //! with guided teacher samples (PNDM) after VAE decoding; DMD2's GAN head reads the fake
 //! score's mid-block. One training step is [`TextDistiller::step`], top to bottom.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_state, read_toml, recover, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
+use crate::checkpoint::{guard_config, read_state, read_toml, recover, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
 use crate::device::Backend;
-use crate::distill::{fake_update, generator_update, DistillTrainConfig, Gan, StepStats};
+use crate::distill::{fake_update, generator_update, run_steps, DistillTrainConfig, Gan, StepRunner, StepStats};
 use crate::ema::ema_update;
 use crate::optim::warmup_lr;
 use crate::output::grid_png;
@@ -36,7 +36,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// The teacher: a diffusers Stable Diffusion folder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -733,6 +732,18 @@ impl TextDistiller {
     }
 }
 
+impl StepRunner for TextDistiller {
+    fn run_step(&mut self, step: usize) -> Result<StepStats> {
+        self.step(step)
+    }
+    fn save_checkpoint(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard) -> Result<()> {
+        self.save(dir, step, nonfinite)
+    }
+    fn preview_png(&self) -> Result<Vec<u8>> {
+        self.preview()
+    }
+}
+
 fn eval_prompts(cfg: &TextDistillConfig) -> Vec<String> {
     if cfg.eval.prompts.is_empty() {
         dmd_datasets::prompts::builtin_prompts().into_iter().take(4).collect()
@@ -813,35 +824,7 @@ pub fn distill(cfg: &TextDistillConfig, show_progress: bool, force_resume: bool)
         cfg.train.fake_updates_per_generator_update,
         d.prompts.len()
     );
-    let tr = &cfg.train;
-    let bar = if show_progress { progress(tr.total_steps as u64, "distill") } else { indicatif::ProgressBar::hidden() };
-    bar.set_position(start as u64);
-    let mut window: Vec<StepStats> = Vec::new();
-    let mut t0 = Instant::now();
-    for step in start..tr.total_steps {
-        let stats = d.step(step)?;
-        if let Some(what) = &stats.nonfinite {
-            bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
-        }
-        nonfinite.record(step, stats.nonfinite.as_deref(), tr.max_nonfinite_in_a_row, &ckpt)?;
-        window.push(stats);
-        let done = step + 1;
-        bar.inc(1);
-        if done % tr.log_every == 0 || done == tr.total_steps {
-            let line = tr.metrics_line(&window, step, t0.elapsed().as_secs_f64(), nonfinite.skipped_steps);
-            append_jsonl(&metrics, &line)?;
-            bar.set_message(format!("distill fake loss {:.4}", line["fake_loss"].as_f64().unwrap_or(0.0)));
-            window.clear();
-            t0 = Instant::now();
-        }
-        if (done % tr.checkpoint_every == 0 && nonfinite.in_a_row == 0) || done == tr.total_steps {
-            d.save(&ckpt, done, &nonfinite)?;
-        }
-        if tr.sample_every > 0 && (done % tr.sample_every == 0 || done == tr.total_steps) {
-            write_atomic(&out.join("samples").join(format!("step-{done:07}.png")), &d.preview()?)?;
-        }
-    }
-    bar.finish_and_clear();
+    run_steps(&mut d, &cfg.train, start, &mut nonfinite, &ckpt, out, show_progress)?;
     let path = out.join("generator");
     save_generator(&d.sampling_generator(), &path, cfg.sd.generator_timestep)?;
     eprintln!(
