@@ -73,6 +73,29 @@ fn teacher_pairs_distill_and_exact_resume() {
     for f in ["checkpoint/generator.safetensors", "checkpoint/fake.safetensors", "checkpoint/generator_ema.safetensors", "generator.safetensors"] {
         assert_eq!(read(&tmp.join("straight").join(f)).tensors, read(&tmp.join("resumed").join(f)).tensors, "{f}");
     }
+    // Micro-batches (16 = 6 + 5 + 5, regression 8 = 3 + 3 + 2; resumed at step 3 with 2 parts)
+    // give the straight run's weights to float rounding (measured: up to 1.2e-7; weighting the
+    // parts equally instead of by their rows, a plausible slip, gave 6.5e-5).
+    std::fs::write(tmp.join("micro.toml"), distill_cfg("micro").replace("batch_size = 16", "batch_size = 16\nmicro_batches = 3")).unwrap();
+    ok(&dmd(&["distill", "--config", s(&tmp.join("micro.toml")), "--steps", "3"]));
+    std::fs::write(tmp.join("micro.toml"), distill_cfg("micro").replace("batch_size = 16", "batch_size = 16\nmicro_batches = 2")).unwrap();
+    ok(&dmd(&["distill", "--config", s(&tmp.join("micro.toml"))]));
+    for f in ["checkpoint/generator.safetensors", "checkpoint/fake.safetensors", "checkpoint/generator_ema.safetensors"] {
+        assert_files_close(f, &tmp.join("micro").join(f), &tmp.join("straight").join(f), 1e-5);
+    }
+    // Three replicas (data-parallel, resumed from micro's checkpoint at step 3 with another
+    // device count) against three micro-batches throughout: the same parts, the same sums.
+    std::fs::write(tmp.join("micro3.toml"), distill_cfg("micro3").replace("batch_size = 16", "batch_size = 16\nmicro_batches = 3")).unwrap();
+    ok(&dmd(&["distill", "--config", s(&tmp.join("micro3.toml"))]));
+    std::fs::write(tmp.join("dp3.toml"), distill_cfg("dp3").replace("batch_size = 16", "batch_size = 16\nmicro_batches = 3")).unwrap();
+    ok(&dmd(&["distill", "--config", s(&tmp.join("dp3.toml")), "--steps", "3"]));
+    std::fs::write(tmp.join("dp3.toml"), distill_cfg("dp3").replace("batch_size = 16", "batch_size = 16\ndevices = 3")).unwrap();
+    let err = ok(&dmd(&["distill", "--config", s(&tmp.join("dp3.toml"))]));
+    assert!(err.contains("from step 3") && err.contains("on 3 x cpu"), "{err}");
+    for f in ["checkpoint/generator.safetensors", "checkpoint/fake.safetensors", "checkpoint/generator_ema.safetensors", "generator.safetensors"] {
+        assert_files_close(f, &tmp.join("dp3").join(f), &tmp.join("micro3").join(f), 0.0);
+    }
+
     // The generator samples in one step through `dmd sample --generator`.
     let out = tmp.join("gen.safetensors");
     ok(&dmd(&["sample", "--generator", s(&tmp.join("straight/generator.safetensors")), "--seeds", "0-9", "--out", s(&out)]));
@@ -100,6 +123,26 @@ fn teacher_pairs_distill_and_exact_resume() {
     ok(&dmd(&["distill", "--config", s(&tmp.join("dmd2_resumed.toml"))]));
     for f in ["checkpoint/generator.safetensors", "checkpoint/fake.safetensors", "checkpoint/gan_head.safetensors", "generator.safetensors"] {
         assert_eq!(read(&tmp.join("dmd2_straight").join(f)).tensors, read(&tmp.join("dmd2_resumed").join(f)).tensors, "{f}");
+    }
+    // The DMD2 recipe (GAN on real data, backward simulation, TTUR) in 4 micro-batches against
+    // one batch, both in float32.
+    for (name, micro) in [("dmd2_f32", 1), ("dmd2_micro", 4)] {
+        let cfg = dmd2_cfg(name).replace("bf16_body = true", &format!("micro_batches = {micro}"));
+        std::fs::write(tmp.join(format!("{name}.toml")), cfg).unwrap();
+        ok(&dmd(&["distill", "--config", s(&tmp.join(format!("{name}.toml")))]));
+    }
+    for f in ["checkpoint/generator.safetensors", "checkpoint/fake.safetensors", "checkpoint/gan_head.safetensors"] {
+        assert_files_close(f, &tmp.join("dmd2_micro").join(f), &tmp.join("dmd2_f32").join(f), 1e-5);
+    }
+    // Data-parallel: 4 replicas run the same 4 parts and sum their gradients in the same order
+    // as one replica does, so the weights are bit-identical (resumed at step 3 as one replica
+    // of 4 micro-batches).
+    for (devices, steps) in [("devices = 4", "3"), ("micro_batches = 4", "6")] {
+        std::fs::write(tmp.join("dmd2_dp.toml"), dmd2_cfg("dmd2_dp").replace("bf16_body = true", devices)).unwrap();
+        ok(&dmd(&["distill", "--config", s(&tmp.join("dmd2_dp.toml")), "--steps", steps]));
+    }
+    for f in ["checkpoint/generator.safetensors", "checkpoint/fake.safetensors", "checkpoint/gan_head.safetensors", "generator.safetensors"] {
+        assert_files_close(f, &tmp.join("dmd2_dp").join(f), &tmp.join("dmd2_micro").join(f), 0.0);
     }
     let metrics = std::fs::read_to_string(tmp.join("dmd2_straight/metrics.jsonl")).unwrap();
     for line in metrics.lines() {

@@ -309,3 +309,11 @@ mod tests {
         assert_eq!(config_diff(&a, &b), vec!["network.a: [1,2] -> [1,3]", "network.b: (absent) -> true", "train.lr: 1.0 -> 2.0"]);
     }
 }
+
+/// Loads an optimiser's state from `path` into `optim`, reading the whole file now: Burn's
+/// own `load` reads tensors lazily from the path, and a later checkpoint may have replaced the
+/// file by then (the replicas of a data-parallel run load the checkpoint the main one rewrites).
+pub fn load_optimizer(optim: burn::optim::ModuleOptimizer, path: &Path) -> Result<burn::optim::ModuleOptimizer> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    optim.from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes)).map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))
+}

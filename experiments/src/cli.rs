@@ -1,7 +1,7 @@
 //! The `dmd` command line.
 
 use crate::{bench, device::Backend, distill, experiment, fid, pairs, sample, sd_distill, teacher, txt2img};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -56,6 +56,9 @@ pub struct RunArgs {
     /// Override the config's number of training steps.
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Override the config's `train.devices` (data-parallel replicas, one per device).
+    #[arg(long)]
+    pub devices: Option<usize>,
     /// Continue a run folder whose recorded config differs from this one (the differing
     /// fields are printed); without it such a resume is refused.
     #[arg(long)]
@@ -63,10 +66,11 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    fn apply(&self, device: &mut Backend, out_dir: &mut PathBuf, total_steps: &mut usize) {
+    fn apply(&self, device: &mut Backend, out_dir: &mut PathBuf, total_steps: &mut usize, devices: &mut usize) {
         *device = self.device.unwrap_or(*device);
         *out_dir = self.out.clone().unwrap_or(out_dir.clone());
         *total_steps = self.steps.unwrap_or(*total_steps);
+        *devices = self.devices.unwrap_or(*devices);
     }
 }
 
@@ -77,19 +81,24 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sample(args) => sample::run(&args),
         Command::TrainTeacher(a) => {
             let mut cfg = teacher::TeacherConfig::from_file(&a.config)?;
-            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
+            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps, &mut cfg.train.devices);
+            cfg.validate().with_context(|| a.config.display().to_string())?;
             teacher::train(&cfg, true, a.force_resume).map(|_| ())
         }
         Command::MakePairs(args) => pairs::run(&args),
         Command::Distill(a) if sd_distill::is_text_config(&a.config) => {
             let mut cfg = sd_distill::TextDistillConfig::from_file(&a.config)?;
-            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
+            let (mut steps, mut devices) = (cfg.train.total_steps, cfg.train.devices);
+            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut steps, &mut devices);
+            (cfg.train.total_steps, cfg.train.devices) = (steps, devices);
+            cfg.validate().with_context(|| a.config.display().to_string())?;
             sd_distill::distill(&cfg, true, a.force_resume).map(|_| ())
         }
         Command::Txt2img(args) => txt2img::run(&args),
         Command::Distill(a) => {
             let mut cfg = distill::DistillConfig::from_file(&a.config)?;
-            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps);
+            a.apply(&mut cfg.device, &mut cfg.out_dir, &mut cfg.train.total_steps, &mut cfg.train.devices);
+            cfg.validate().with_context(|| a.config.display().to_string())?;
             distill::distill(&cfg, true, a.force_resume).map(|_| ())
         }
         Command::EvalToy(args) => teacher::eval_toy_cmd(&args),

@@ -36,17 +36,26 @@ impl Backend {
             // Deprecated upstream in favour of flex; kept for users' deterministic tests.
             #[allow(deprecated)]
             Self::Ndarray => Device::ndarray(),
-            Self::Cuda => cuda_device()?,
+            Self::Cuda => cuda_device(0)?,
         })
+    }
+
+    /// Device `index` of this backend: GPU `index` on CUDA; the CPU backends have one device,
+    /// which every index names.
+    pub fn device_at(self, index: usize) -> Result<Device> {
+        match self {
+            Self::Cuda => cuda_device(index),
+            _ => self.device(),
+        }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device() -> Result<Device> {
-    Ok(Device::cuda(0))
+fn cuda_device(index: usize) -> Result<Device> {
+    Ok(Device::cuda(index))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device() -> Result<Device> {
+fn cuda_device(_index: usize) -> Result<Device> {
     anyhow::bail!("this `dmd` was built without CUDA support: rebuild with `cargo build --release --features cuda` (see README, 'CUDA')")
 }

@@ -9,18 +9,19 @@
 //! multi-step generators on their own samples (backward simulation). One training step is
 //! [`Distiller::step`], top to bottom.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_state, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
+use crate::checkpoint::{load_optimizer, append_jsonl, guard_config, read_state, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::ema_update;
 use crate::optim::{clip_grad_norm, clip_grad_norm_joint, warmup_lr};
 use crate::output::preview_png;
 use crate::pairs::Pairs;
-use crate::sample::{latents_from_seeds, progress, run_generator};
+use crate::parallel::{rows, run_replicas, Backprop, Replica, Shards};
+use crate::sample::{latents_from_seeds, progress, run_generator, take_rows};
 use crate::teacher::{normals, step_seed, toy_eval_of, ToyEval};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{GaussianMixture, ToyDistribution, ToyKind};
 use dmd_losses::dmd::{fake_score_loss, weighted_distribution_matching_loss, DmWeighting, NoiseGrid};
@@ -31,6 +32,7 @@ use dmd_models::{config_path_for, EdmPrecond, GanHead, Lpips};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -135,8 +137,17 @@ impl LossConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistillTrainConfig {
+    /// The global batch of one update.
     pub batch_size: usize,
-    /// Batch of teacher pairs for the regression loss (a separate batch, as in DMD).
+    /// Run each batch as this many micro-batches, their gradients summed before the update:
+    /// the same step to float rounding (dropout masks aside, drawn per micro-batch), in less
+    /// memory (a run may resume with another count).
+    pub micro_batches: usize,
+    /// Data-parallel replicas, one per device (CUDA: GPUs 0..devices), each running
+    /// `batch_size / devices` of the batch (as `micro_batches` parts); see [`crate::parallel`].
+    pub devices: usize,
+    /// Batch of teacher pairs for the regression loss (a separate batch, as in DMD; split into
+    /// the same number of micro-batches).
     pub regression_batch_size: usize,
     pub total_steps: usize,
     pub generator_lr: f64,
@@ -169,6 +180,8 @@ impl Default for DistillTrainConfig {
     fn default() -> Self {
         Self {
             batch_size: 32,
+            micro_batches: 1,
+            devices: 1,
             regression_batch_size: 32,
             total_steps: 10_000,
             generator_lr: 5e-5,
@@ -199,6 +212,9 @@ impl DistillTrainConfig {
         if t.keep_checkpoints == 0 || t.max_nonfinite_in_a_row == 0 || t.regression_batch_size == 0 {
             bail!("train.keep_checkpoints, train.max_nonfinite_in_a_row and train.regression_batch_size must be positive");
         }
+        if t.micro_batches == 0 || t.devices == 0 || t.micro_batches * t.devices > t.batch_size {
+            bail!("train.micro_batches x train.devices must lie in 1..=batch_size ({}), got {} x {}", t.batch_size, t.micro_batches, t.devices);
+        }
         if !(t.generator_lr > 0.0 && t.generator_lr.is_finite() && t.fake_lr > 0.0 && t.fake_lr.is_finite()) {
             bail!("train.generator_lr and train.fake_lr must be positive, got {} and {}", t.generator_lr, t.fake_lr);
         }
@@ -206,6 +222,12 @@ impl DistillTrainConfig {
             bail!("train: weight_decay and grad_clip must not be negative, adam_betas and ema_decay must lie in [0, 1)");
         }
         Ok(())
+    }
+
+    /// These settings with those a resumed run may change reset: the length, the logging,
+    /// checkpoint and sample intervals, the NaN limit, and how the batch is split.
+    pub fn resume_key(&self) -> Self {
+        Self { total_steps: 0, log_every: 0, checkpoint_every: 0, sample_every: 0, keep_checkpoints: 0, max_nonfinite_in_a_row: 0, micro_batches: 1, devices: 1, ..self.clone() }
     }
 
     /// The metrics.jsonl line of the steps in `window`, which ended with step index `step`.
@@ -431,16 +453,17 @@ impl StepStats {
     }
 }
 
-/// Backpropagates the generator's loss `total` and takes one clipped optimiser step, unless the
-/// loss or the gradient norm is NaN/Inf: then nothing changes and `stats` records why. Returns
-/// whether the step was applied.
-pub(crate) fn generator_update<M: Module>(total: Tensor<1>, generator: &mut M, optim: &mut ModuleOptimizer, lr: f64, grad_clip: f64, stats: &mut StepStats) -> bool {
-    let value = total.clone().into_scalar::<f64>();
-    if !value.is_finite() {
-        stats.add_nonfinite(format!("generator loss {value}"));
-        return false;
-    }
-    let mut grads = GradientsParams::from_grads(total.backward(), &*generator);
+/// One clipped optimiser step of the generator from the gradients `bp` summed over the step's
+/// micro-batches, unless the loss or the gradient norm is NaN/Inf: then nothing changes and
+/// `stats` records why. Returns whether the step was applied.
+pub(crate) fn generator_update<M: Module>(bp: Backprop, generator: &mut M, optim: &mut ModuleOptimizer, lr: f64, grad_clip: f64, stats: &mut StepStats) -> bool {
+    let mut grads = match bp.grads {
+        Some(g) if bp.loss.is_finite() => g,
+        _ => {
+            stats.add_nonfinite(format!("generator loss {}", bp.loss));
+            return false;
+        }
+    };
     let norm = clip_grad_norm(&mut grads, &*generator, grad_clip);
     stats.generator_grad_norm = Some(norm);
     if !norm.is_finite() {
@@ -451,26 +474,25 @@ pub(crate) fn generator_update<M: Module>(total: Tensor<1>, generator: &mut M, o
     true
 }
 
-/// The fake score's update from its `loss` (with the GAN classifier's, whose head shares one
-/// clipping norm with the fake score, as DMD2 clips its guidance model as a whole); skipped
-/// and recorded in `stats` when the loss or the norm is NaN/Inf.
-pub(crate) fn fake_update<F: Module>(loss: Tensor<1>, fake: &mut F, optim: &mut ModuleOptimizer, gan: Option<&mut Gan>, lr: f64, grad_clip: f64, stats: &mut StepStats) {
-    let value = loss.clone().into_scalar::<f64>();
-    if !value.is_finite() {
-        stats.add_nonfinite(format!("fake-score loss {value}"));
-        return;
-    }
-    let mut grads = loss.backward();
-    let mut fake_grads = GradientsParams::from_module(&mut grads, &*fake);
-    match gan {
-        Some(gan) => {
-            let mut head_grads = GradientsParams::from_module(&mut grads, &gan.head);
+/// The fake score's update from the gradients `bp` of its loss (with the GAN classifier's,
+/// whose head shares one clipping norm with the fake score, as DMD2 clips its guidance model
+/// as a whole); skipped and recorded in `stats` when the loss or the norm is NaN/Inf.
+pub(crate) fn fake_update<F: Module>(bp: Backprop, fake: &mut F, optim: &mut ModuleOptimizer, gan: Option<&mut Gan>, lr: f64, grad_clip: f64, stats: &mut StepStats) {
+    let mut fake_grads = match bp.grads {
+        Some(g) if bp.loss.is_finite() => g,
+        _ => {
+            stats.add_nonfinite(format!("fake-score loss {}", bp.loss));
+            return;
+        }
+    };
+    match (gan, bp.head_grads) {
+        (Some(gan), Some(mut head_grads)) => {
             stats.fake_grad_norm = clip_grad_norm_joint(&mut fake_grads, &*fake, &mut head_grads, &gan.head, grad_clip);
             if stats.fake_grad_norm.is_finite() {
                 gan.head = gan.optim.step(lr, gan.head.clone(), head_grads);
             }
         }
-        None => stats.fake_grad_norm = clip_grad_norm(&mut fake_grads, &*fake, grad_clip),
+        _ => stats.fake_grad_norm = clip_grad_norm(&mut fake_grads, &*fake, grad_clip),
     }
     if !stats.fake_grad_norm.is_finite() {
         stats.add_nonfinite(format!("fake-score gradient norm {}", stats.fake_grad_norm));
@@ -484,6 +506,41 @@ pub(crate) fn fake_update<F: Module>(loss: Tensor<1>, fake: &mut F, optim: &mut 
 pub struct Gan {
     pub head: GanHead,
     pub optim: ModuleOptimizer,
+}
+
+/// `total + weight * term` (`weight * term` when there is no total yet).
+pub(crate) fn add_weighted(total: &mut Option<Tensor<1>>, term: Tensor<1>, weight: f64) {
+    let term = term.mul_scalar(weight);
+    *total = Some(match total.take() {
+        Some(t) => t + term,
+        None => term,
+    });
+}
+
+/// Adds a part's `value` (its loss weighted by its share of the batch) to a loss's batch mean.
+pub(crate) fn add_stat(stat: &mut Option<f64>, value: f64) {
+    *stat = Some(stat.unwrap_or(0.0) + value);
+}
+
+/// Sums a step's loss values (batch means of this replica's rows) over the replicas.
+pub(crate) fn sum_stats<const N: usize>(replica: &Replica, stats: [&mut Option<f64>; N]) {
+    let mut values: Vec<f64> = stats.iter().map(|s| s.unwrap_or(0.0)).collect();
+    replica.sum_values(&mut values);
+    for (s, v) in stats.into_iter().zip(values) {
+        if s.is_some() {
+            *s = Some(v);
+        }
+    }
+}
+
+/// The generator's input for a batch, on the plain device (see [`Distiller::generator_input`]).
+struct GeneratorInput {
+    /// Rows `first..` of the batch's inputs (this replica's, or all).
+    x: Tensor<4>,
+    first: usize,
+    sigma: f64,
+    /// Every row's labels.
+    labels: Option<Tensor<2>>,
 }
 
 /// Training state of a distillation run.
@@ -507,12 +564,18 @@ pub struct Distiller {
     pub generator_sigmas: Vec<f64>,
     pub shape: [usize; 3],
     pub label_dim: usize,
+    /// This replica's place in a data-parallel run.
+    pub replica: Replica,
 }
 
 impl Distiller {
     /// Builds the three networks from the teacher (or from a run's checkpoint).
     pub fn new(cfg: &DistillConfig, checkpoint: Option<&Path>) -> Result<Self> {
-        let device = cfg.device.device()?;
+        Self::replica(cfg, checkpoint, Replica::single(), cfg.device.device()?)
+    }
+
+    /// [`Distiller::new`] for `replica` of a data-parallel run, on `device`.
+    pub fn replica(cfg: &DistillConfig, checkpoint: Option<&Path>, replica: Replica, device: Device) -> Result<Self> {
         let ad = device.clone().autodiff();
         let t = &cfg.teacher;
         let cfg_path = t.config.clone().unwrap_or_else(|| config_path_for(&t.weights));
@@ -539,7 +602,7 @@ impl Distiller {
         };
         let load_optim = |dir: &Path, name: &str| {
             let p = dir.join(format!("{name}_optim.bpk"));
-            adamw().load(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))
+            load_optimizer(adamw(), &p)
         };
         // Networks from this run's checkpoint (resume) or another run's (init_from, weights only).
         let weights_from = checkpoint.or(cfg.init_from.as_deref());
@@ -577,6 +640,10 @@ impl Distiller {
                 let pairs = Pairs::load(p)?;
                 if pairs.latents.shape[1..] != shape[..] {
                     bail!("{}: pairs of shape {:?}, the teacher works on {shape:?}", p.display(), &pairs.latents.shape[1..]);
+                }
+                let parts = tr.micro_batches * tr.devices;
+                if tr.regression_batch_size.min(pairs.len()) < parts {
+                    bail!("{}: {} pairs, regression batch {}: fewer than one per micro-batch ({parts})", p.display(), pairs.len(), tr.regression_batch_size);
                 }
                 Some(pairs)
             }
@@ -642,6 +709,7 @@ impl Distiller {
             generator_sigmas: cfg.generator.sigmas(&cfg.grid),
             shape,
             label_dim,
+            replica,
         })
     }
 
@@ -681,112 +749,133 @@ impl Distiller {
         }
     }
 
-    /// A batch of generator outputs on the autodiff device, with gradients to the generator
-    /// when `train`. A multi-step generator is trained at one random step per batch, on its
-    /// own earlier steps' output (backward simulation) or on noised real images.
-    fn generator_batch(&self, rng: &mut StdRng, n: usize, train: bool) -> Result<(Tensor<4>, Option<Tensor<2>>)> {
+    /// The generator's input for this replica's `parts` of a batch of `n` (noise, or for a
+    /// multi-step generator the input of one random step: its own earlier steps' output
+    /// (backward simulation, run part by part) or noised real images), its noise level and
+    /// labels, on the plain device. The draws are the whole batch's.
+    fn generator_input(&self, rng: &mut StdRng, n: usize, parts: &Shards, mine: &Range<usize>) -> Result<GeneratorInput> {
         let sigmas = &self.generator_sigmas;
         let (z, labels) = self.noise_batch(rng, n, &self.device);
         let k = if sigmas.len() > 1 { rng.random_range(0..sigmas.len()) } else { 0 };
-        let (x_in, labels) = if k == 0 {
+        let (x, labels) = if k == 0 {
             (z.mul_scalar(sigmas[0]), labels)
         } else if self.cfg.generator.backward_simulation {
+            let noise: Vec<Tensor<4>> = (0..k).map(|_| self.normal_tensor(rng, n, &self.device)).collect();
             let frozen = self.generator.valid();
-            let x0 = generate_steps(&frozen, z, labels.clone(), &sigmas[..k], |_| self.normal_tensor(rng, n, &self.device));
-            (x0 + self.normal_tensor(rng, n, &self.device).mul_scalar(sigmas[k]), labels)
+            let mut x = Vec::with_capacity(mine.len());
+            for part in mine.clone() {
+                let r = parts.rows(part);
+                let labels = labels.as_ref().map(|l| rows(l, &r));
+                let x0 = generate_steps(&frozen, rows(&z, &r), labels, &sigmas[..k], |j| rows(&noise[j - 1], &r));
+                x.push(x0 + rows(&noise[k - 1], &r).mul_scalar(sigmas[k]));
+            }
+            let first = parts.rows(mine.start).start;
+            return Ok(GeneratorInput { x: Tensor::cat(x, 0), sigma: sigmas[k], labels, first });
         } else {
             let data = self.data.as_ref().context("multi-step training without backward simulation needs `data`")?;
             let (images, real_labels) = data.batch(n, rng)?;
             let x = images.to_tensor::<4>(&self.device) + self.normal_tensor(rng, n, &self.device).mul_scalar(sigmas[k]);
             (x, real_labels.map(|l| l.to_tensor(&self.device)))
         };
-        let (x_in, labels) = (Tensor::from_inner(x_in), labels.map(Tensor::from_inner));
+        Ok(GeneratorInput { x, sigma: sigmas[k], labels, first: 0 })
+    }
+
+    /// The generator's outputs for rows `r` of `input`'s batch, on the autodiff device, with
+    /// gradients to the generator when `train`; and their labels.
+    fn generator_forward(&self, input: &GeneratorInput, r: &Range<usize>, train: bool) -> (Tensor<4>, Option<Tensor<2>>) {
+        let (x_in, labels) = (rows(&input.x, &(r.start - input.first..r.end - input.first)), input.labels.as_ref().map(|l| rows(l, r)));
+        let sigma = input.sigma;
         let x = if train {
-            self.generator.forward(x_in, filled(n, sigmas[k], &self.ad), labels.clone())
+            self.generator.forward(Tensor::from_inner(x_in), filled(r.len(), sigma, &self.ad), labels.clone().map(Tensor::from_inner))
         } else {
-            Tensor::from_inner(self.generator.valid().forward(x_in.inner(), filled(n, sigmas[k], &self.device), labels.clone().map(|l| l.inner())))
+            Tensor::from_inner(self.generator.valid().forward(x_in, filled(r.len(), sigma, &self.device), labels.clone()))
         };
-        Ok((x, labels))
+        (x, labels.map(Tensor::from_inner))
     }
 
     /// One training step: a generator update (every `fake_updates_per_generator_update`-th
     /// step, as DMD2's TTUR), then a fake-score (and GAN classifier) update. All randomness
-    /// comes from (seed, step).
+    /// comes from (seed, step) and is drawn for the whole batch before any network runs; the
+    /// losses then run over `train.micro_batches` parts of it (see [`crate::parallel`]).
     pub fn step(&mut self, step: usize) -> Result<StepStats> {
         let cfg = self.cfg.clone();
         let (tr, loss_cfg) = (&cfg.train, &cfg.loss);
         let mut rng = StdRng::seed_from_u64(step_seed(tr.seed, step as u64, 10));
         self.ad.seed(step_seed(tr.seed, step as u64, 11));
         let bs = tr.batch_size;
+        let (parts, mine) = self.replica.parts(bs, tr.micro_batches);
         let sigma_g = cfg.generator.conditioning_sigma;
         let mut stats = StepStats::default();
-        let mut total: Option<Tensor<1>> = None;
-        let mut add = |term: Tensor<1>, weight: f64| {
-            let term = term.mul_scalar(weight);
-            total = Some(match total.take() {
-                Some(t) => t + term,
-                None => term,
-            });
-        };
 
         // 1. Generator: distribution matching, GAN, regression on teacher pairs.
-        let mut generated: Option<(Tensor<4>, Option<Tensor<2>>)> = None;
+        let mut generated: Option<Vec<Option<(Tensor<4>, Option<Tensor<2>>)>>> = None;
         if step % tr.fake_updates_per_generator_update == 0 {
-            let (x, labels) = self.generator_batch(&mut rng, bs, true)?;
-            if loss_cfg.dm_weight > 0.0 {
-                let sigma = self.sigma_batch(&mut rng, bs, cfg.grid.dm_range(), &self.ad);
-                let noise = self.normal_tensor(&mut rng, bs, &self.ad);
-                let fake = self.fake.valid();
-                let plain_labels = labels.clone().map(|l| l.inner());
-                let real = &self.real;
-                let dm = weighted_distribution_matching_loss(
-                    x.clone(),
-                    sigma,
-                    noise,
-                    loss_cfg.dm_weighting,
-                    |x_t, s| Tensor::from_inner(real.denoise(x_t.inner(), s.inner(), plain_labels.clone())),
-                    |x_t, s| Tensor::from_inner(fake.forward(x_t.inner(), s.inner(), plain_labels.clone())),
-                );
-                stats.dm_loss = Some(dm.loss.clone().into_scalar::<f64>());
-                add(dm.loss, loss_cfg.dm_weight);
+            let g_in = self.generator_input(&mut rng, bs, &parts, &mine)?;
+            let dm_draw = (loss_cfg.dm_weight > 0.0).then(|| (self.sigma_batch(&mut rng, bs, cfg.grid.dm_range(), &self.ad), self.normal_tensor(&mut rng, bs, &self.ad)));
+            let gan_draw = (self.gan.is_some() && loss_cfg.gan_generator_weight > 0.0).then(|| self.gan_noise(&mut rng, bs));
+            let pairs = self.pairs.as_ref().filter(|_| loss_cfg.regression_weight > 0.0);
+            let reg_idx: Vec<usize> = match pairs {
+                Some(p) => (0..tr.regression_batch_size.min(p.len())).map(|_| rng.random_range(0..p.len())).collect(),
+                None => Vec::new(),
+            };
+            let reg_parts = Shards::new(reg_idx.len(), parts.count);
+            let mut bp = Backprop::default();
+            let mut outputs = Vec::with_capacity(mine.len());
+            for part in mine.clone() {
+                let (r, w) = (parts.rows(part), parts.weight(part));
+                let (x, labels) = self.generator_forward(&g_in, &r, true);
+                let mut total: Option<Tensor<1>> = None;
+                if let Some((sigma, noise)) = &dm_draw {
+                    let fake = self.fake.valid();
+                    let plain_labels = labels.clone().map(|l| l.inner());
+                    let real = &self.real;
+                    let dm = weighted_distribution_matching_loss(
+                        x.clone(),
+                        rows(sigma, &r),
+                        rows(noise, &r),
+                        loss_cfg.dm_weighting,
+                        |x_t, s| Tensor::from_inner(real.denoise(x_t.inner(), s.inner(), plain_labels.clone())),
+                        |x_t, s| Tensor::from_inner(fake.forward(x_t.inner(), s.inner(), plain_labels.clone())),
+                    );
+                    add_stat(&mut stats.dm_loss, w * dm.loss.clone().into_scalar::<f64>());
+                    add_weighted(&mut total, dm.loss, w * loss_cfg.dm_weight);
+                }
+                if let (Some(gan), Some((sigma, noise))) = (&self.gan, &gan_draw) {
+                    // Gradients flow through the (frozen) fake score and head into the images only.
+                    let noise = noise.as_ref().map(|n| rows(n, &r));
+                    let logits = realism_logits(&self.fake.clone().no_grad(), &gan.head.clone().no_grad(), x.clone(), rows(sigma, &r), noise, labels.clone());
+                    let loss = generator_gan_loss(logits);
+                    add_stat(&mut stats.gan_generator_loss, w * loss.clone().into_scalar::<f64>());
+                    add_weighted(&mut total, loss, w * loss_cfg.gan_generator_weight);
+                }
+                let reg_rows = &reg_idx[reg_parts.rows(part)];
+                if let (Some(pairs), false) = (pairs, reg_rows.is_empty()) {
+                    let w = reg_parts.weight(part);
+                    let z_ref = take_rows(&pairs.latents, reg_rows).to_tensor::<4>(&self.ad);
+                    let y_ref = take_rows(&pairs.images, reg_rows).to_tensor::<4>(&self.ad);
+                    let l_ref = pairs.labels.as_ref().map(|l| take_rows(l, reg_rows).to_tensor::<2>(&self.ad));
+                    let g_ref = generate(&self.generator, z_ref, l_ref, sigma_g);
+                    let reg = match (loss_cfg.regression, &self.lpips) {
+                        (Regression::L2, _) => l2(g_ref, y_ref),
+                        (Regression::PseudoHuber, _) => pseudo_huber(g_ref, y_ref),
+                        (Regression::Lpips, Some(net)) => lpips(g_ref, y_ref, net),
+                        (Regression::None | Regression::Lpips, _) => unreachable!("validated"),
+                    };
+                    add_stat(&mut stats.regression_loss, w * reg.clone().into_scalar::<f64>());
+                    add_weighted(&mut total, reg, w * loss_cfg.regression_weight);
+                }
+                if let Some(total) = total {
+                    bp.add(total, &self.generator, None::<&GanHead>);
+                }
+                outputs.push(Some((x.detach(), labels)));
             }
-            if let (Some(gan), true) = (&self.gan, loss_cfg.gan_generator_weight > 0.0) {
-                // Gradients flow through the (frozen) fake score and head into the images only.
-                let (sigma, noise) = self.gan_noise(&mut rng, bs);
-                let logits = realism_logits(&self.fake.clone().no_grad(), &gan.head.clone().no_grad(), x.clone(), sigma, noise, labels.clone());
-                let loss = generator_gan_loss(logits);
-                stats.gan_generator_loss = Some(loss.clone().into_scalar::<f64>());
-                add(loss, loss_cfg.gan_generator_weight);
-            }
-            if let (Some(pairs), true) = (&self.pairs, loss_cfg.regression_weight > 0.0) {
-                let m = tr.regression_batch_size.min(pairs.len());
-                let idx: Vec<usize> = (0..m).map(|_| rng.random_range(0..pairs.len())).collect();
-                let rows = |t: &HostTensor| {
-                    let per: usize = t.shape[1..].iter().product();
-                    let mut shape = t.shape.clone();
-                    shape[0] = m;
-                    HostTensor::new(shape, idx.iter().flat_map(|&i| t.data[i * per..(i + 1) * per].iter().copied()).collect())
-                };
-                let z_ref = rows(&pairs.latents).to_tensor::<4>(&self.ad);
-                let y_ref = rows(&pairs.images).to_tensor::<4>(&self.ad);
-                let l_ref = pairs.labels.as_ref().map(|l| rows(l).to_tensor::<2>(&self.ad));
-                let g_ref = generate(&self.generator, z_ref, l_ref, sigma_g);
-                let reg = match (loss_cfg.regression, &self.lpips) {
-                    (Regression::L2, _) => l2(g_ref, y_ref),
-                    (Regression::PseudoHuber, _) => pseudo_huber(g_ref, y_ref),
-                    (Regression::Lpips, Some(net)) => lpips(g_ref, y_ref, net),
-                    (Regression::None | Regression::Lpips, _) => unreachable!("validated"),
-                };
-                stats.regression_loss = Some(reg.clone().into_scalar::<f64>());
-                add(reg, loss_cfg.regression_weight);
-            }
+            let has_loss = dm_draw.is_some() || gan_draw.is_some() || !reg_idx.is_empty();
+            self.replica.reduce(&mut bp, &self.generator, None::<&GanHead>)?;
+            sum_stats(&self.replica, [&mut stats.dm_loss, &mut stats.gan_generator_loss, &mut stats.regression_loss]);
             // A NaN/Inf loss or gradient skips the update (weights, EMA, optimiser untouched).
             let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
-            let applied = match total.take() {
-                Some(total) => generator_update(total, &mut self.generator, &mut self.generator_optim, lr, tr.grad_clip, &mut stats),
-                None => true,
-            };
-            generated = Some((x.detach(), labels));
+            let applied = !has_loss || generator_update(bp, &mut self.generator, &mut self.generator_optim, lr, tr.grad_clip, &mut stats);
+            generated = Some(outputs);
             if let (true, Some(ema), Some(decay)) = (applied, self.generator_ema.take(), tr.ema_decay) {
                 self.generator_ema = Some(ema_update(ema, &self.generator, decay));
             }
@@ -794,27 +883,48 @@ impl Distiller {
 
         // 2. Fake score: denoise the generator's current outputs; the GAN classifier tells
         //    them from real images on the fake score's bottleneck.
-        let (x, labels) = match generated {
-            Some(g) => g,
-            None => self.generator_batch(&mut rng, bs, false)?,
+        let g_in = match generated {
+            Some(_) => None,
+            None => Some(self.generator_input(&mut rng, bs, &parts, &mine)?),
         };
         let sigma = self.sigma_batch(&mut rng, bs, (0, self.sigmas.len()), &self.ad);
         let noise = self.normal_tensor(&mut rng, bs, &self.ad);
+        let disc_draw = match (&self.gan, &self.data, loss_cfg.gan_discriminator_weight > 0.0) {
+            (Some(_), Some(data), true) => {
+                let (images, labels) = data.batch(bs, &mut rng)?;
+                let real = (images.to_tensor::<4>(&self.ad), labels.map(|l| l.to_tensor::<2>(&self.ad)));
+                Some((real, self.gan_noise(&mut rng, bs), self.gan_noise(&mut rng, bs)))
+            }
+            _ => None,
+        };
         let fake = &self.fake;
-        let (mut loss, _) = fake_score_loss(x.clone(), sigma, noise, fake.sigma_data(), |x_t, s| fake.forward(x_t, s, labels.clone()));
-        stats.fake_loss = loss.clone().into_scalar::<f64>();
-        if let (Some(gan), Some(data), true) = (&self.gan, &self.data, loss_cfg.gan_discriminator_weight > 0.0) {
-            let (real_images, real_labels) = data.batch(bs, &mut rng)?;
-            let (sigma_r, noise_r) = self.gan_noise(&mut rng, bs);
-            let logits_real = realism_logits(fake, &gan.head, real_images.to_tensor(&self.ad), sigma_r, noise_r, real_labels.map(|l| l.to_tensor(&self.ad)));
-            let (sigma_f, noise_f) = self.gan_noise(&mut rng, bs);
-            let logits_fake = realism_logits(fake, &gan.head, x, sigma_f, noise_f, labels.clone());
-            let d = discriminator_gan_loss(logits_real, logits_fake);
-            stats.gan_discriminator_loss = Some(d.clone().into_scalar::<f64>());
-            loss = loss + d.mul_scalar(loss_cfg.gan_discriminator_weight);
+        let mut bp = Backprop::default();
+        for part in mine.clone() {
+            let (r, w) = (parts.rows(part), parts.weight(part));
+            let (x, labels) = match (&mut generated, &g_in) {
+                (Some(outputs), _) => std::mem::take(&mut outputs[part - mine.start]).expect("one output per micro-batch"),
+                (None, Some(g_in)) => self.generator_forward(g_in, &r, false),
+                (None, None) => unreachable!("drawn above"),
+            };
+            let (mut loss, _) = fake_score_loss(x.clone(), rows(&sigma, &r), rows(&noise, &r), fake.sigma_data(), |x_t, s| fake.forward(x_t, s, labels.clone()));
+            stats.fake_loss += w * loss.clone().into_scalar::<f64>();
+            if let (Some(gan), Some(((real_images, real_labels), (sigma_r, noise_r), (sigma_f, noise_f)))) = (&self.gan, &disc_draw) {
+                let part_of = |n: &Option<Tensor<4>>| n.as_ref().map(|n| rows(n, &r));
+                let real_labels = real_labels.as_ref().map(|l| rows(l, &r));
+                let logits_real = realism_logits(fake, &gan.head, rows(real_images, &r), rows(sigma_r, &r), part_of(noise_r), real_labels);
+                let logits_fake = realism_logits(fake, &gan.head, x, rows(sigma_f, &r), part_of(noise_f), labels);
+                let d = discriminator_gan_loss(logits_real, logits_fake);
+                add_stat(&mut stats.gan_discriminator_loss, w * d.clone().into_scalar::<f64>());
+                loss = loss + d.mul_scalar(loss_cfg.gan_discriminator_weight);
+            }
+            bp.add(loss.mul_scalar(w), fake, self.gan.as_ref().map(|g| &g.head));
         }
+        self.replica.reduce(&mut bp, fake, self.gan.as_ref().map(|g| &g.head))?;
+        let mut fake_loss = Some(stats.fake_loss);
+        sum_stats(&self.replica, [&mut fake_loss, &mut stats.gan_discriminator_loss]);
+        stats.fake_loss = fake_loss.unwrap_or(0.0);
         let lr = warmup_lr(tr.fake_lr, step, tr.warmup_steps);
-        fake_update(loss, &mut self.fake, &mut self.fake_optim, self.gan.as_mut(), lr, tr.grad_clip, &mut stats);
+        fake_update(bp, &mut self.fake, &mut self.fake_optim, self.gan.as_mut(), lr, tr.grad_clip, &mut stats);
         Ok(stats)
     }
 
@@ -886,12 +996,7 @@ pub struct DistillRun {
 /// The config a run must keep to be resumed.
 fn resume_key(cfg: &DistillConfig) -> DistillConfig {
     let mut c = cfg.clone();
-    c.train.total_steps = 0;
-    c.train.log_every = 0;
-    c.train.checkpoint_every = 0;
-    c.train.sample_every = 0;
-    c.train.keep_checkpoints = 0;
-    c.train.max_nonfinite_in_a_row = 0;
+    c.train = c.train.resume_key();
     c.eval = DistillEvalConfig::default();
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
@@ -908,8 +1013,10 @@ pub fn finished(cfg: &DistillConfig) -> Result<bool> {
 /// different config.
 pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> Result<DistillRun> {
     let out = &cfg.out_dir;
+    let mut replicas = Replica::group(cfg.device, cfg.train.devices)?;
+    let (main, main_device) = replicas.remove(0);
     // A new run checks its inputs (teacher, pairs, data) before it creates its folder.
-    let fresh = if out.exists() { None } else { Some(Distiller::new(cfg, None)?) };
+    let fresh = if out.exists() { None } else { Some(Distiller::replica(cfg, None, main.clone(), main_device.clone())?) };
     std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
     let saved = out.join("config.toml");
     let previous = if saved.exists() { Some(DistillConfig::from_file(&saved)?) } else { None };
@@ -919,13 +1026,13 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
     let (mut d, start, mut nonfinite) = if ckpt.join("state.json").exists() {
         let (step, state) = read_state(&ckpt)?;
         let guard = NonFiniteGuard::resumed(state["skipped_steps"].as_u64().unwrap_or(0));
-        let d = Distiller::new(cfg, Some(&ckpt))?;
+        let d = Distiller::replica(cfg, Some(&ckpt), main.clone(), main_device)?;
         eprintln!("resuming {} from step {step}", out.display());
         (d, step, guard)
     } else {
         let d = match fresh {
             Some(d) => d,
-            None => Distiller::new(cfg, None)?,
+            None => Distiller::replica(cfg, None, main.clone(), main_device)?,
         };
         (d, 0, NonFiniteGuard::default())
     };
@@ -933,9 +1040,10 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
     truncate_jsonl(&metrics, start)?;
     let l = &cfg.loss;
     eprintln!(
-        "distilling {} into a {}-step generator on {} (dm x {}, regression {:?} x {}, GAN x {}/{}, {} fake update(s) per generator update)",
+        "distilling {} into a {}-step generator on {} x {} (dm x {}, regression {:?} x {}, GAN x {}/{}, {} fake update(s) per generator update)",
         cfg.teacher.weights.display(),
         cfg.generator.steps,
+        cfg.train.devices,
         cfg.device,
         l.dm_weight,
         l.regression,
@@ -944,7 +1052,15 @@ pub fn distill(cfg: &DistillConfig, show_progress: bool, force_resume: bool) -> 
         l.gan_discriminator_weight,
         cfg.train.fake_updates_per_generator_update
     );
-    run_steps(&mut d, &cfg.train, start, &mut nonfinite, &ckpt, out, show_progress)?;
+    // The other replicas, one thread each, from the same weights; only this one writes files.
+    let from = ckpt.join("state.json").exists().then_some(ckpt.as_path());
+    let guard = nonfinite.clone();
+    run_replicas(
+        &main,
+        || run_steps(&mut d, &cfg.train, start, &mut nonfinite, &ckpt, out, show_progress),
+        replicas,
+        |r, device| Distiller::replica(cfg, from, r.clone(), device).and_then(|mut d| run_steps(&mut d, &cfg.train, start, &mut guard.clone(), &ckpt, out, false)),
+    )?;
     let generator = d.sampling_generator();
     let path = out.join("generator.safetensors");
     save_generator(&generator, &path, &d.generator_sigmas)?;
@@ -967,6 +1083,10 @@ pub(crate) trait StepRunner {
     fn run_step(&mut self, step: usize) -> Result<StepStats>;
     fn save_checkpoint(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard) -> Result<()>;
     fn preview_png(&self) -> Result<Vec<u8>>;
+    /// Whether this is the replica that writes files (always, outside data-parallel runs).
+    fn is_main(&self) -> bool {
+        true
+    }
 }
 
 impl StepRunner for Distiller {
@@ -979,23 +1099,32 @@ impl StepRunner for Distiller {
     fn preview_png(&self) -> Result<Vec<u8>> {
         preview(&self.sampling_generator(), &self.device, &self.generator_sigmas, self.cfg.eval.seed)
     }
+    fn is_main(&self) -> bool {
+        self.replica.is_main()
+    }
 }
 
 /// Steps `start..total_steps` of a distillation: the NaN/Inf guard, metrics.jsonl every
 /// `log_every` steps, checkpoints (none inside a streak of skipped steps: the one kept stays the
 /// last good one) and sample grids in `out/samples/`.
+/// Replicas other than the main one (see [`StepRunner::is_main`]) run the same steps and write
+/// nothing.
 pub(crate) fn run_steps(d: &mut impl StepRunner, tr: &DistillTrainConfig, start: usize, nonfinite: &mut NonFiniteGuard, ckpt: &Path, out: &Path, show_progress: bool) -> Result<()> {
+    let main = d.is_main();
     let metrics = out.join("metrics.jsonl");
-    let bar = if show_progress { progress(tr.total_steps as u64, "distill") } else { indicatif::ProgressBar::hidden() };
+    let bar = if show_progress && main { progress(tr.total_steps as u64, "distill") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(start as u64);
     let mut window: Vec<StepStats> = Vec::new();
     let mut t0 = Instant::now();
     for step in start..tr.total_steps {
         let stats = d.run_step(step)?;
-        if let Some(what) = &stats.nonfinite {
+        if let (Some(what), true) = (&stats.nonfinite, main) {
             bar.suspend(|| eprintln!("step {step}: {what}; update skipped"));
         }
         nonfinite.record(step, stats.nonfinite.as_deref(), tr.max_nonfinite_in_a_row, ckpt)?;
+        if !main {
+            continue;
+        }
         window.push(stats);
         let done = step + 1;
         bar.inc(1);

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod optim;
 pub mod output;
 pub mod pairs;
+pub mod parallel;
 pub mod sample;
 pub mod sd_distill;
 pub mod txt2img;

@@ -10,9 +10,10 @@
 //! with guided teacher samples (PNDM) after VAE decoding; DMD2's GAN head reads the fake
 //! score's mid-block. One training step is [`TextDistiller::step`], top to bottom.
 
-use crate::checkpoint::{guard_config, read_state, read_toml, recover, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
+use crate::checkpoint::{load_optimizer, guard_config, read_state, read_toml, recover, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
 use crate::device::Backend;
-use crate::distill::{fake_update, generator_update, run_steps, DistillTrainConfig, Gan, StepRunner, StepStats};
+use crate::parallel::{rows, run_replicas, Backprop, Replica, Shards};
+use crate::distill::{add_stat, add_weighted, fake_update, generator_update, run_steps, sum_stats, DistillTrainConfig, Gan, StepRunner, StepStats};
 use crate::ema::ema_update;
 use crate::optim::warmup_lr;
 use crate::output::grid_png;
@@ -243,6 +244,10 @@ impl TextDistillConfig {
             if self.pairs.num_pairs == 0 {
                 bail!("loss.regression = {:?} needs teacher pairs: set pairs.num_pairs", l.regression);
             }
+            let parts = self.train.micro_batches * self.train.devices;
+            if self.train.regression_batch_size.min(self.pairs.num_pairs) < parts {
+                bail!("train.regression_batch_size and pairs.num_pairs must be at least micro_batches x devices ({parts}): each part needs a pair");
+            }
             if l.regression == Regression::Lpips {
                 if l.regression_decoder == RegressionDecoder::None {
                     bail!("loss.regression = \"lpips\" compares images: loss.regression_decoder cannot be \"none\"");
@@ -269,6 +274,19 @@ impl TextDistillConfig {
             bail!("pairs.guidance_scale must be at least 1");
         }
         Ok(())
+    }
+}
+
+/// The noise of DMD2's realism logits for a batch (see [`TextDistiller::realism_draw`]).
+struct RealismDraw {
+    tf: Tensor<1>,
+    a: Tensor<1>,
+    noise: Tensor<4>,
+}
+
+impl RealismDraw {
+    fn rows(&self, r: &std::ops::Range<usize>) -> RealismDraw {
+        RealismDraw { tf: rows(&self.tf, r), a: rows(&self.a, r), noise: rows(&self.noise, r) }
     }
 }
 
@@ -445,11 +463,18 @@ pub struct TextDistiller {
     pub uncond: Tensor<3>,
     pub alphas: Vec<f64>,
     pub shape: [usize; 3],
+    /// This replica's place in a data-parallel run.
+    pub replica: Replica,
 }
 
 impl TextDistiller {
     pub fn new(cfg: &TextDistillConfig, checkpoint: Option<&Path>, show_progress: bool) -> Result<Self> {
-        let device = cfg.device.device()?;
+        Self::replica(cfg, checkpoint, show_progress, Replica::single(), cfg.device.device()?)
+    }
+
+    /// [`TextDistiller::new`] for `replica` of a data-parallel run, on `device` (the main
+    /// replica makes the teacher pairs when missing; build it before the others).
+    pub fn replica(cfg: &TextDistillConfig, checkpoint: Option<&Path>, show_progress: bool, replica: Replica, device: Device) -> Result<Self> {
         let ad = device.clone().autodiff();
         let dir = &cfg.sd.dir;
         let sd = StableDiffusion::load(dir, &device).context("sd.dir")?;
@@ -476,7 +501,7 @@ impl TextDistiller {
         };
         let load_optim = |dir: &Path, name: &str| {
             let p = dir.join(format!("{name}_optim.bpk"));
-            adamw().load(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))
+            load_optimizer(adamw(), &p)
         };
         // Each trained network is its own load with ids of its own namespace: Burn's clone()
         // would share parameters, gradients and optimiser state.
@@ -563,6 +588,7 @@ impl TextDistiller {
             uncond,
             alphas,
             shape,
+            replica,
         })
     }
 
@@ -592,87 +618,102 @@ impl TextDistiller {
         }
     }
 
-    /// DMD2's realism logits of latents `x`: noised to a timestep below `gan_max_timestep`,
-    /// read from `fake`'s mid-block by `head`.
-    fn realism_logits(&self, fake: &UNet2DCondition, head: &GanHead, rng: &mut StdRng, x: Tensor<4>, context: Tensor<3>) -> Tensor<1> {
-        let n = x.dims()[0];
+    /// The noise of DMD2's realism logits for `n` latents: a timestep below
+    /// `gan_max_timestep` and Gaussian noise.
+    fn realism_draw(&self, rng: &mut StdRng, n: usize) -> RealismDraw {
         let (_, tf, a) = self.timesteps(rng, n, 0, self.cfg.loss.gan_max_timestep.max(1));
-        let x_t = add_noise(x, self.normal(rng, n), a);
-        head.forward(fake.forward_with_mid(x_t, tf, context).1)
+        RealismDraw { tf, a, noise: self.normal(rng, n) }
+    }
+
+    /// DMD2's realism logits of latents `x`, noised by `draw` and read from `fake`'s mid-block
+    /// by `head`.
+    fn realism_logits(fake: &UNet2DCondition, head: &GanHead, draw: RealismDraw, x: Tensor<4>, context: Tensor<3>) -> Tensor<1> {
+        let x_t = add_noise(x, draw.noise, draw.a);
+        head.forward(fake.forward_with_mid(x_t, draw.tf, context).1)
     }
 
     /// One training step: a generator update (every `fake_updates_per_generator_update`-th
-    /// step), then a fake-score (and GAN classifier) update. All randomness from (seed, step).
+    /// step), then a fake-score (and GAN classifier) update. All randomness comes from (seed,
+    /// step) and is drawn for the whole batch before any network runs; the losses then run
+    /// over this replica's parts of it (see [`crate::parallel`]).
     pub fn step(&mut self, step: usize) -> Result<StepStats> {
         let cfg = self.cfg.clone();
         let (tr, l) = (&cfg.train, &cfg.loss);
         let mut rng = StdRng::seed_from_u64(step_seed(tr.seed, step as u64, 20));
         self.ad.seed(step_seed(tr.seed, step as u64, 21));
         let bs = tr.batch_size;
-        let t_gen = cfg.sd.generator_timestep;
+        let (parts, mine) = self.replica.parts(bs, tr.micro_batches);
+        let (t_gen, alpha_gen) = (cfg.sd.generator_timestep, self.alphas[cfg.sd.generator_timestep]);
         let prompts = self.prompts.batch(step as u64, tr.seed, bs);
         let context = self.context(&prompts);
         let mut stats = StepStats::default();
-        let mut total: Option<Tensor<1>> = None;
-        let mut add = |term: Tensor<1>, weight: f64| {
-            let term = term.mul_scalar(weight);
-            total = Some(match total.take() {
-                Some(t) => t + term,
-                None => term,
-            });
-        };
 
         // 1. Generator: one step from pure noise, then distribution matching (guided real vs
         //    fake score), GAN, and regression on teacher pairs.
         let z = self.normal(&mut rng, bs);
-        let train_generator = step % tr.fake_updates_per_generator_update == 0;
-        let x = if train_generator {
-            generate(&self.generator, z, context.clone(), t_gen, self.alphas[t_gen])
-        } else {
-            Tensor::from_inner(generate(&self.generator.valid(), z.inner(), context.clone().inner(), t_gen, self.alphas[t_gen]))
-        };
-        if train_generator {
-            if l.dm_weight > 0.0 {
+        let mut generated: Vec<Option<Tensor<4>>> = Vec::new();
+        if step % tr.fake_updates_per_generator_update == 0 {
+            let dm_draw = (l.dm_weight > 0.0).then(|| {
                 let t_max = self.alphas.len();
                 let lo = (cfg.sd.min_step_percent * t_max as f64) as usize;
                 let hi = ((cfg.sd.max_step_percent * t_max as f64) as usize + 1).min(t_max).max(lo + 1);
                 let (t, _, _) = self.timesteps(&mut rng, bs, lo, hi);
-                let noise = self.normal(&mut rng, bs);
-                let real = RealScoreSd { unet: &self.sd.unet, uncond: self.uncond.clone(), guidance: cfg.sd.guidance_scale };
-                let dm = sd_distribution_matching_loss(x.clone(), &t, noise, &self.alphas, l.dm_weighting, &real, &self.fake.valid(), context.clone().inner());
-                stats.dm_loss = Some(dm.loss.clone().into_scalar::<f64>());
-                add(dm.loss, l.dm_weight);
+                (t, self.normal(&mut rng, bs))
+            });
+            let gan_draw = (self.gan.is_some() && l.gan_generator_weight > 0.0).then(|| self.realism_draw(&mut rng, bs));
+            let pairs = self.pairs.as_ref().filter(|_| l.regression_on());
+            let reg_idx: Vec<usize> = match pairs {
+                Some(p) => (0..tr.regression_batch_size.min(p.prompts.len())).map(|_| rng.random_range(0..p.prompts.len())).collect(),
+                None => Vec::new(),
+            };
+            let reg_parts = Shards::new(reg_idx.len(), parts.count);
+            let real = RealScoreSd { unet: &self.sd.unet, uncond: self.uncond.clone(), guidance: cfg.sd.guidance_scale };
+            let mut bp = Backprop::default();
+            for part in mine.clone() {
+                let (r, w) = (parts.rows(part), parts.weight(part));
+                let ctx = rows(&context, &r);
+                let x = generate(&self.generator, rows(&z, &r), ctx.clone(), t_gen, alpha_gen);
+                let mut total: Option<Tensor<1>> = None;
+                if let Some((t, noise)) = &dm_draw {
+                    let dm = sd_distribution_matching_loss(x.clone(), &t[r.clone()], rows(noise, &r), &self.alphas, l.dm_weighting, &real, &self.fake.valid(), ctx.clone().inner());
+                    add_stat(&mut stats.dm_loss, w * dm.loss.clone().into_scalar::<f64>());
+                    add_weighted(&mut total, dm.loss, w * l.dm_weight);
+                }
+                if let (Some(gan), Some(draw)) = (&self.gan, &gan_draw) {
+                    // Gradients flow through the frozen fake score and head into the latents only.
+                    let logits = Self::realism_logits(&self.fake.clone().no_grad(), &gan.head.clone().no_grad(), draw.rows(&r), x.clone(), ctx.clone());
+                    let loss = generator_gan_loss(logits);
+                    add_stat(&mut stats.gan_generator_loss, w * loss.clone().into_scalar::<f64>());
+                    add_weighted(&mut total, loss, w * l.gan_generator_weight);
+                }
+                let reg_rows = &reg_idx[reg_parts.rows(part)];
+                if let (Some(pairs), false) = (pairs, reg_rows.is_empty()) {
+                    let w = reg_parts.weight(part);
+                    let z_ref = take_rows(&pairs.noise, reg_rows).to_tensor::<4>(&self.ad);
+                    let y_ref = take_rows(&pairs.latents, reg_rows).to_tensor::<4>(&self.ad);
+                    let ctx_ref = self.context(&reg_rows.iter().map(|&i| pairs.prompts[i].clone()).collect::<Vec<_>>());
+                    let g_ref = generate(&self.generator, z_ref, ctx_ref, t_gen, alpha_gen);
+                    let (g_img, y_img) = (self.regression_view(g_ref), self.regression_view(y_ref).detach());
+                    let reg = match (l.regression, &self.lpips) {
+                        (Regression::L2, _) => l2(g_img, y_img),
+                        (Regression::PseudoHuber, _) => pseudo_huber(g_img, y_img),
+                        (Regression::Lpips, Some(net)) => lpips(g_img.clamp(-1.0, 1.0), y_img.clamp(-1.0, 1.0), net),
+                        (Regression::None | Regression::Lpips, _) => unreachable!("validated"),
+                    };
+                    add_stat(&mut stats.regression_loss, w * reg.clone().into_scalar::<f64>());
+                    add_weighted(&mut total, reg, w * l.regression_weight);
+                }
+                if let Some(total) = total {
+                    bp.add(total, &self.generator, None::<&GanHead>);
+                }
+                generated.push(Some(x.detach()));
             }
-            if let (Some(gan), true) = (&self.gan, l.gan_generator_weight > 0.0) {
-                // Gradients flow through the frozen fake score and head into the latents only.
-                let logits = self.realism_logits(&self.fake.clone().no_grad(), &gan.head.clone().no_grad(), &mut rng, x.clone(), context.clone());
-                let loss = generator_gan_loss(logits);
-                stats.gan_generator_loss = Some(loss.clone().into_scalar::<f64>());
-                add(loss, l.gan_generator_weight);
-            }
-            if let (Some(pairs), true) = (&self.pairs, l.regression_on()) {
-                let m = tr.regression_batch_size.min(pairs.prompts.len());
-                let idx: Vec<usize> = (0..m).map(|_| rng.random_range(0..pairs.prompts.len())).collect();
-                let z_ref = take_rows(&pairs.noise, &idx).to_tensor::<4>(&self.ad);
-                let y_ref = take_rows(&pairs.latents, &idx).to_tensor::<4>(&self.ad);
-                let ctx_ref = self.context(&idx.iter().map(|&i| pairs.prompts[i].clone()).collect::<Vec<_>>());
-                let g_ref = generate(&self.generator, z_ref, ctx_ref, t_gen, self.alphas[t_gen]);
-                let (g_img, y_img) = (self.regression_view(g_ref), self.regression_view(y_ref).detach());
-                let reg = match (l.regression, &self.lpips) {
-                    (Regression::L2, _) => l2(g_img, y_img),
-                    (Regression::PseudoHuber, _) => pseudo_huber(g_img, y_img),
-                    (Regression::Lpips, Some(net)) => lpips(g_img.clamp(-1.0, 1.0), y_img.clamp(-1.0, 1.0), net),
-                    (Regression::None | Regression::Lpips, _) => unreachable!("validated"),
-                };
-                stats.regression_loss = Some(reg.clone().into_scalar::<f64>());
-                add(reg, l.regression_weight);
-            }
+            let has_loss = dm_draw.is_some() || gan_draw.is_some() || !reg_idx.is_empty();
+            self.replica.reduce(&mut bp, &self.generator, None::<&GanHead>)?;
+            sum_stats(&self.replica, [&mut stats.dm_loss, &mut stats.gan_generator_loss, &mut stats.regression_loss]);
             // A NaN/Inf loss or gradient skips the update (weights, EMA, optimiser untouched).
             let lr = warmup_lr(tr.generator_lr, step, tr.warmup_steps);
-            let applied = match total.take() {
-                Some(total) => generator_update(total, &mut self.generator, &mut self.generator_optim, lr, tr.grad_clip, &mut stats),
-                None => true,
-            };
+            let applied = !has_loss || generator_update(bp, &mut self.generator, &mut self.generator_optim, lr, tr.grad_clip, &mut stats);
             if let (true, Some(ema), Some(decay)) = (applied, self.generator_ema.take(), tr.ema_decay) {
                 self.generator_ema = Some(ema_update(ema, &self.generator.valid(), decay));
             }
@@ -680,24 +721,44 @@ impl TextDistiller {
 
         // 2. Fake score: epsilon MSE on the generator's latents at a uniform timestep; the GAN
         //    classifier tells teacher latents from the generator's on the mid-block.
-        let x = x.detach();
         let (_, tf, a) = self.timesteps(&mut rng, bs, 0, self.alphas.len());
         let noise = self.normal(&mut rng, bs);
-        let eps = self.fake.forward(add_noise(x.clone(), noise.clone(), a), tf, context.clone());
-        let mut loss = (eps - noise).square().mean();
-        stats.fake_loss = loss.clone().into_scalar::<f64>();
-        if let (Some(gan), Some(pairs), true) = (&self.gan, &self.pairs, l.gan_discriminator_weight > 0.0) {
-            let idx: Vec<usize> = (0..bs).map(|_| rng.random_range(0..pairs.prompts.len())).collect();
-            let real = take_rows(&pairs.latents, &idx).to_tensor::<4>(&self.ad);
-            let real_ctx = self.context(&idx.iter().map(|&i| pairs.prompts[i].clone()).collect::<Vec<_>>());
-            let logits_real = self.realism_logits(&self.fake, &gan.head, &mut rng, real, real_ctx);
-            let logits_fake = self.realism_logits(&self.fake, &gan.head, &mut rng, x, context);
-            let d = discriminator_gan_loss(logits_real, logits_fake);
-            stats.gan_discriminator_loss = Some(d.clone().into_scalar::<f64>());
-            loss = loss + d.mul_scalar(l.gan_discriminator_weight);
+        let disc_draw = match (&self.gan, &self.pairs, l.gan_discriminator_weight > 0.0) {
+            (Some(_), Some(pairs), true) => {
+                let idx: Vec<usize> = (0..bs).map(|_| rng.random_range(0..pairs.prompts.len())).collect();
+                let real = take_rows(&pairs.latents, &idx).to_tensor::<4>(&self.ad);
+                let real_ctx = self.context(&idx.iter().map(|&i| pairs.prompts[i].clone()).collect::<Vec<_>>());
+                Some((real, real_ctx, self.realism_draw(&mut rng, bs), self.realism_draw(&mut rng, bs)))
+            }
+            _ => None,
+        };
+        let mut bp = Backprop::default();
+        for part in mine.clone() {
+            let (r, w) = (parts.rows(part), parts.weight(part));
+            let ctx = rows(&context, &r);
+            let x = match generated.get_mut(part - mine.start) {
+                Some(x) => x.take().expect("one output per part"),
+                None => Tensor::from_inner(generate(&self.generator.valid(), rows(&z, &r).inner(), ctx.clone().inner(), t_gen, alpha_gen)),
+            };
+            let noise = rows(&noise, &r);
+            let eps = self.fake.forward(add_noise(x.clone(), noise.clone(), rows(&a, &r)), rows(&tf, &r), ctx.clone());
+            let mut loss = (eps - noise).square().mean();
+            stats.fake_loss += w * loss.clone().into_scalar::<f64>();
+            if let (Some(gan), Some((real, real_ctx, real_draw, fake_draw))) = (&self.gan, &disc_draw) {
+                let logits_real = Self::realism_logits(&self.fake, &gan.head, real_draw.rows(&r), rows(real, &r), rows(real_ctx, &r));
+                let logits_fake = Self::realism_logits(&self.fake, &gan.head, fake_draw.rows(&r), x, ctx);
+                let d = discriminator_gan_loss(logits_real, logits_fake);
+                add_stat(&mut stats.gan_discriminator_loss, w * d.clone().into_scalar::<f64>());
+                loss = loss + d.mul_scalar(l.gan_discriminator_weight);
+            }
+            bp.add(loss.mul_scalar(w), &self.fake, self.gan.as_ref().map(|g| &g.head));
         }
+        self.replica.reduce(&mut bp, &self.fake, self.gan.as_ref().map(|g| &g.head))?;
+        let mut fake_loss = Some(stats.fake_loss);
+        sum_stats(&self.replica, [&mut fake_loss, &mut stats.gan_discriminator_loss]);
+        stats.fake_loss = fake_loss.unwrap_or(0.0);
         let lr = warmup_lr(tr.fake_lr, step, tr.warmup_steps);
-        fake_update(loss, &mut self.fake, &mut self.fake_optim, self.gan.as_mut(), lr, tr.grad_clip, &mut stats);
+        fake_update(bp, &mut self.fake, &mut self.fake_optim, self.gan.as_mut(), lr, tr.grad_clip, &mut stats);
         Ok(stats)
     }
 
@@ -742,6 +803,9 @@ impl StepRunner for TextDistiller {
     fn preview_png(&self) -> Result<Vec<u8>> {
         self.preview()
     }
+    fn is_main(&self) -> bool {
+        self.replica.is_main()
+    }
 }
 
 fn eval_prompts(cfg: &TextDistillConfig) -> Vec<String> {
@@ -770,12 +834,7 @@ pub fn one_step_images(sd: &StableDiffusion, generator: &UNet2DCondition, prompt
 
 fn resume_key(cfg: &TextDistillConfig) -> TextDistillConfig {
     let mut c = cfg.clone();
-    c.train.total_steps = 0;
-    c.train.log_every = 0;
-    c.train.checkpoint_every = 0;
-    c.train.sample_every = 0;
-    c.train.keep_checkpoints = 0;
-    c.train.max_nonfinite_in_a_row = 0;
+    c.train.0 = c.train.resume_key();
     c.eval = TextEvalConfig::default();
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
@@ -801,7 +860,10 @@ pub fn distill(cfg: &TextDistillConfig, show_progress: bool, force_resume: bool)
         (0, NonFiniteGuard::default())
     };
     // A new run checks its inputs (teacher, prompts) before it creates its folder.
-    let mut d = TextDistiller::new(cfg, resume.then_some(ckpt.as_path()), show_progress)?;
+    let mut replicas = Replica::group(cfg.device, cfg.train.devices)?;
+    let (main, main_device) = replicas.remove(0);
+    let from = resume.then_some(ckpt.as_path());
+    let mut d = TextDistiller::replica(cfg, from, show_progress, main.clone(), main_device)?;
     if !existed {
         guard_config(&saved, cfg, None, resume_key, force_resume)?;
     }
@@ -812,9 +874,10 @@ pub fn distill(cfg: &TextDistillConfig, show_progress: bool, force_resume: bool)
     truncate_jsonl(&metrics, start)?;
     let l = &cfg.loss;
     eprintln!(
-        "distilling {} (text-to-image, guidance {}) into a one-step generator on {} (dm x {}, regression {:?} x {}, GAN x {}/{}, {} fake update(s) per generator update, {} prompts)",
+        "distilling {} (text-to-image, guidance {}) into a one-step generator on {} x {} (dm x {}, regression {:?} x {}, GAN x {}/{}, {} fake update(s) per generator update, {} prompts)",
         cfg.sd.dir.display(),
         cfg.sd.guidance_scale,
+        cfg.train.devices,
         cfg.device,
         l.dm_weight,
         l.regression,
@@ -824,7 +887,14 @@ pub fn distill(cfg: &TextDistillConfig, show_progress: bool, force_resume: bool)
         cfg.train.fake_updates_per_generator_update,
         d.prompts.len()
     );
-    run_steps(&mut d, &cfg.train, start, &mut nonfinite, &ckpt, out, show_progress)?;
+    // The other replicas, one thread each (after the main one made any missing pairs).
+    let guard = nonfinite.clone();
+    run_replicas(
+        &main,
+        || run_steps(&mut d, &cfg.train, start, &mut nonfinite, &ckpt, out, show_progress),
+        replicas,
+        |r, device| TextDistiller::replica(cfg, from, false, r.clone(), device).and_then(|mut d| run_steps(&mut d, &cfg.train, start, &mut guard.clone(), &ckpt, out, false)),
+    )?;
     let path = out.join("generator");
     save_generator(&d.sampling_generator(), &path, cfg.sd.generator_timestep)?;
     eprintln!(

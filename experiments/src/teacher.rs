@@ -4,17 +4,18 @@
 //! Every random draw of step `s` comes from generators seeded by (seed, s), so a resumed run
 //! repeats the uninterrupted one exactly.
 
-use crate::checkpoint::{append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
+use crate::checkpoint::{load_optimizer, append_jsonl, guard_config, read_toml, recover, run_finished, truncate_jsonl, write_dir_atomically, NonFiniteGuard};
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
 use crate::optim::grad_norm;
+use crate::parallel::{rows, run_replicas, Backprop, Replica};
 use crate::metrics::{energy_distance, mode_stats, ModeStats};
 use crate::output::{preview_png, scatter_png};
 use crate::sample::{progress, seeded_samples};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamConfig, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{ToyDistribution, ToyKind};
 use dmd_losses::edm::{edm_loss, EdmLossConfig};
@@ -31,7 +32,14 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// The global batch of one update.
     pub batch_size: usize,
+    /// Run each batch as this many micro-batches, their gradients summed before the update: the
+    /// same step to float rounding (dropout masks aside, drawn per micro-batch), in less memory.
+    pub micro_batches: usize,
+    /// Data-parallel replicas, one per device (CUDA: GPUs 0..devices), each running its share
+    /// of the batch (as `micro_batches` parts); see [`crate::parallel`].
+    pub devices: usize,
     pub total_steps: usize,
     pub lr: f64,
     /// Learning-rate warm-up, in thousands of images (EDM: 10000).
@@ -56,6 +64,8 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             batch_size: 512,
+            micro_batches: 1,
+            devices: 1,
             total_steps: 10_000,
             lr: 1e-3,
             lr_rampup_kimg: 10_000.0,
@@ -117,6 +127,9 @@ impl TeacherConfig {
         let t = &self.train;
         if t.batch_size == 0 || t.total_steps == 0 {
             bail!("train.batch_size and train.total_steps must be positive");
+        }
+        if t.micro_batches == 0 || t.devices == 0 || t.micro_batches * t.devices > t.batch_size {
+            bail!("train.micro_batches x train.devices must lie in 1..=batch_size ({}), got {} x {}", t.batch_size, t.micro_batches, t.devices);
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             bail!("train.lr must be positive, got {}", t.lr);
@@ -195,7 +208,7 @@ impl RunDir {
 
 /// A checkpoint's `state.json`: with the networks, the optimiser and the config beside it,
 /// everything a resumed run needs to repeat the uninterrupted one bit for bit.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct TrainState {
     /// Steps done; the learning-rate schedule and EMA follow `images_seen`.
     step: usize,
@@ -233,6 +246,8 @@ fn resume_key(cfg: &TeacherConfig) -> TeacherConfig {
     c.train.sample_every = 0;
     c.train.keep_checkpoints = 0;
     c.train.max_nonfinite_in_a_row = 0;
+    c.train.micro_batches = 1;
+    c.train.devices = 1;
     c.eval = EvalConfig::default();
     c.device = Backend::Cpu;
     c.out_dir = PathBuf::new();
@@ -252,8 +267,8 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Re
     let run = RunDir(cfg.out_dir.clone());
     let data = DataSource::open(&cfg.data)?;
     let net_cfg = cfg.network_config(&data)?;
-    let device = cfg.device.device()?;
-    let ad = device.clone().autodiff();
+    let mut replicas = Replica::group(cfg.device, cfg.train.devices)?;
+    let (main, device) = replicas.remove(0);
     // The folder only now that the data and the network config passed their checks.
     std::fs::create_dir_all(&run.0).with_context(|| run.0.display().to_string())?;
 
@@ -261,42 +276,81 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Re
     let saved_cfg = run.config();
     let previous = if saved_cfg.exists() { Some(TeacherConfig::from_file(&saved_cfg)?) } else { None };
     guard_config(&saved_cfg, cfg, previous, resume_key, force_resume)?;
+    let ckpt = run.checkpoint();
+    recover(&ckpt)?;
+    let state: Option<TrainState> = if ckpt.join("state.json").exists() {
+        Some(serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?).with_context(|| ckpt.join("state.json").display().to_string())?)
+    } else {
+        None
+    };
+    if let Some(state) = &state {
+        eprintln!("resuming {} from step {}", run.0.display(), state.step);
+    }
+    let start = state.as_ref().map_or(0, |s| s.step);
+    truncate_jsonl(&run.metrics(), start)?;
+    eprintln!("training {:?} teacher on {} with {} x {} on {}", net_cfg.model_type, data.describe(), cfg.train.devices, cfg.device, run.0.display());
 
+    // One replica per device, the others in threads; only the main one writes files.
+    let mut ema = None;
+    run_replicas(
+        &main,
+        || {
+            ema = Some(train_replica(cfg, &main, &device, &data, &net_cfg, state.clone(), show_progress)?);
+            Ok(())
+        },
+        replicas,
+        |r, device| {
+            let data = DataSource::open(&cfg.data)?;
+            train_replica(cfg, r, &device, &data, &net_cfg, state.clone(), false).map(|_| ())
+        },
+    )?;
+    let ema = ema.expect("set when the main replica succeeds");
+
+    ema.save(&run.teacher())?;
+    eprintln!("teacher (EMA weights): {} (config {})", run.teacher().display(), config_path_for(&run.teacher()).display());
+    let eval = match &cfg.data {
+        DataConfig::Toy { name, .. } => {
+            let (e, _) = eval_toy(&ema, &device, *name, &cfg.eval)?;
+            write_atomic(&run.0.join("eval.json"), serde_json::to_string_pretty(&e)?.as_bytes())?;
+            eprintln!("{}", e.summary());
+            Some(e)
+        }
+        _ => None,
+    };
+    Ok(TeacherRun { teacher: run.teacher(), eval })
+}
+
+/// Steps `state.step..total_steps` of one replica's training (the only one with a single
+/// device), from the checkpoint when `state` is given; returns the EMA network. The main
+/// replica writes the metrics, checkpoints and sample grids.
+fn train_replica(cfg: &TeacherConfig, replica: &Replica, device: &Device, data: &DataSource, net_cfg: &EdmConfig, state: Option<TrainState>, show_progress: bool) -> Result<EdmPrecond> {
+    let run = RunDir(cfg.out_dir.clone());
+    let ad = device.clone().autodiff();
     let t = &cfg.train;
     let adam = AdamConfig::new()
         .with_beta_1(t.adam_betas[0] as f32)
         .with_beta_2(t.adam_betas[1] as f32)
         .with_epsilon(t.adam_eps as f32);
     let ckpt = run.checkpoint();
-    recover(&ckpt)?;
-    let (mut net, mut ema, mut optim, start, mut images_seen, mut nonfinite) = if ckpt.join("state.json").exists() {
-        let state: TrainState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)
-            .with_context(|| ckpt.join("state.json").display().to_string())?;
-        let net = EdmPrecond::load(&ckpt.join("net.safetensors"), &ckpt.join("net.json"), &ad, "net")?;
-        let ema = EdmPrecond::load(&ckpt.join("ema.safetensors"), &ckpt.join("ema.json"), &device, "ema")?.valid();
-        let optim = adam
-            .init()
-            .load(ckpt.join("optim.bpk"))
-            .map_err(|e| anyhow::anyhow!("{}: {e:?}", ckpt.join("optim.bpk").display()))?;
-        eprintln!("resuming {} from step {}", run.0.display(), state.step);
-        (net, ema, optim, state.step, state.images_seen, state.nonfinite)
-    } else {
-        let net = assign_ids(EdmPrecond::new(&net_cfg, &ad, t.seed), "net");
-        let ema = fork_named(&net.valid(), "ema");
-        (net, ema, adam.init(), 0, 0, NonFiniteGuard::default())
+    let (mut net, mut ema, mut optim, start, mut images_seen, mut nonfinite) = match state {
+        Some(state) => {
+            let net = EdmPrecond::load(&ckpt.join("net.safetensors"), &ckpt.join("net.json"), &ad, "net")?;
+            let ema = EdmPrecond::load(&ckpt.join("ema.safetensors"), &ckpt.join("ema.json"), device, "ema")?.valid();
+            let optim = load_optimizer(adam.init(), &ckpt.join("optim.bpk"))?;
+            (net, ema, optim, state.step, state.images_seen, state.nonfinite)
+        }
+        None => {
+            let net = assign_ids(EdmPrecond::new(net_cfg, &ad, t.seed), "net");
+            let ema = fork_named(&net.valid(), "ema");
+            (net, ema, adam.init(), 0, 0, NonFiniteGuard::default())
+        }
     };
-    truncate_jsonl(&run.metrics(), start)?;
-
-    let n_params: usize = dmd_models::weights::named_shapes(&net).values().map(|s| s.iter().product::<usize>()).sum();
-    eprintln!(
-        "training {:?} teacher ({:.2}M parameters) on {} with {} on {}",
-        net_cfg.model_type,
-        n_params as f64 / 1e6,
-        data.describe(),
-        cfg.device,
-        run.0.display()
-    );
-    let bar = if show_progress { progress(t.total_steps as u64, "train-teacher") } else { indicatif::ProgressBar::hidden() };
+    let main = replica.is_main();
+    if main {
+        let n_params: usize = dmd_models::weights::named_shapes(&net).values().map(|s| s.iter().product::<usize>()).sum();
+        eprintln!("{:.2}M parameters", n_params as f64 / 1e6);
+    }
+    let bar = if show_progress && main { progress(t.total_steps as u64, "train-teacher") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(start as u64);
     let [c, h, w] = data.shape();
     let per = c * h * w;
@@ -304,7 +358,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Re
     // (loss sum, finite steps, start time, steps)
     let mut window = (0.0f64, 0usize, Instant::now(), 0usize);
     for step in start..t.total_steps {
-        // All randomness of this step comes from (seed, step).
+        // All randomness of this step comes from (seed, step), drawn for the whole batch.
         let mut rng = StdRng::seed_from_u64(step_seed(t.seed, step as u64, 0));
         ad.seed(step_seed(t.seed, step as u64, 1)); // dropout
         let (images, labels) = data.batch(bs, &mut rng)?;
@@ -315,37 +369,49 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Re
         let labels = labels.map(|l| l.to_tensor::<2>(&ad));
         let sigma = Tensor::<1>::from_data(TensorData::new(sigma, [bs]), &ad);
         let noise = Tensor::<4>::from_data(TensorData::new(noise, [bs, c, h, w]), &ad);
-        let loss = edm_loss(&net, images, labels, sigma, noise).mean();
-        let loss_value: f32 = loss.clone().into_scalar::<f32>();
+        // The batch's mean loss over this replica's `micro_batches` parts, summed over the
+        // replicas (see `crate::parallel`).
+        let (parts, mine) = replica.parts(bs, t.micro_batches);
+        let mut bp = Backprop::default();
+        for part in mine {
+            let r = parts.rows(part);
+            let loss = edm_loss(&net, rows(&images, &r), labels.as_ref().map(|l| rows(l, &r)), rows(&sigma, &r), rows(&noise, &r)).mean();
+            bp.add(loss.mul_scalar(parts.weight(part)), &net, None::<&EdmPrecond>);
+        }
+        replica.reduce(&mut bp, &net, None::<&EdmPrecond>)?;
+        let loss_value = bp.loss as f32;
         let lr = t.lr * ((images_seen as f64) / (t.lr_rampup_kimg * 1000.0).max(1e-8)).min(1.0);
         let beta = ema_beta(bs, images_seen, t.ema_halflife_kimg, t.ema_rampup_ratio);
         // A NaN/Inf loss or gradient skips the step (weights, EMA, optimiser untouched).
-        let bad = if loss_value.is_finite() {
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            let grad_norm = grad_norm(&grads, &net);
-            if grad_norm.is_finite() {
-                net = optim.step(lr, net, grads);
-                ema = ema_update(ema, &net, beta);
-                images_seen += bs as u64;
-                None
-            } else {
-                Some(format!("gradient norm {grad_norm}"))
+        let bad = match bp.grads {
+            Some(grads) if loss_value.is_finite() => {
+                let grad_norm = grad_norm(&grads, &net);
+                if grad_norm.is_finite() {
+                    net = optim.step(lr, net, grads);
+                    ema = ema_update(ema, &net, beta);
+                    images_seen += bs as u64;
+                    None
+                } else {
+                    Some(format!("gradient norm {grad_norm}"))
+                }
             }
-        } else {
-            Some(format!("loss {loss_value}"))
+            _ => Some(format!("loss {loss_value}")),
         };
-        if let Some(what) = &bad {
+        if let (Some(what), true) = (&bad, main) {
             bar.suspend(|| eprintln!("step {step}: {what}; step skipped"));
         }
         nonfinite.record(step, bad.as_deref(), t.max_nonfinite_in_a_row, &ckpt)?;
 
         let done = step + 1;
+        bar.inc(1);
+        if !main {
+            continue;
+        }
         if loss_value.is_finite() {
             window.0 += loss_value as f64;
             window.1 += 1;
         }
         window.3 += 1;
-        bar.inc(1);
         if done % t.log_every == 0 || done == t.total_steps {
             let secs = window.2.elapsed().as_secs_f64();
             let mean_loss = window.0 / window.1.max(1) as f64;
@@ -368,24 +434,12 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Re
             save_checkpoint(&ckpt, t.keep_checkpoints, cfg, &net, &ema, &optim, state)?;
         }
         if t.sample_every > 0 && (done % t.sample_every == 0 || done == t.total_steps) {
-            let png = preview(&ema, &device, &cfg.eval)?;
+            let png = preview(&ema, device, &cfg.eval)?;
             write_atomic(&run.0.join("samples").join(format!("step-{done:07}.png")), &png)?;
         }
     }
     bar.finish_and_clear();
-
-    ema.save(&run.teacher())?;
-    eprintln!("teacher (EMA weights): {} (config {})", run.teacher().display(), config_path_for(&run.teacher()).display());
-    let eval = match &cfg.data {
-        DataConfig::Toy { name, .. } => {
-            let (e, _) = eval_toy(&ema, &device, *name, &cfg.eval)?;
-            write_atomic(&run.0.join("eval.json"), serde_json::to_string_pretty(&e)?.as_bytes())?;
-            eprintln!("{}", e.summary());
-            Some(e)
-        }
-        _ => None,
-    };
-    Ok(TeacherRun { teacher: run.teacher(), eval })
+    Ok(ema)
 }
 
 /// The checkpoint: both networks under EDM's names, the optimiser, the state, the config.
