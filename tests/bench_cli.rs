@@ -15,6 +15,7 @@ fn bench_writes_the_json_contract() {
     let out = tmp.join("bench.json");
     let o = Command::new(env!("CARGO_BIN_EXE_dmd"))
         .args(["bench", "--net-config", net.to_str().unwrap(), "--batch", "2", "--device", "cpu", "--warmup", "0", "--iters", "1", "--train-iters", "1", "--sampling", "1,3"])
+        .args(["--replicas", "2"])
         .args(["--json", out.to_str().unwrap()])
         .output()
         .unwrap();
@@ -24,6 +25,7 @@ fn bench_writes_the_json_contract() {
         assert!(v[key].as_f64().is_some_and(|t| t > 0.0 && t.is_finite()), "{key}: {}", v[key]);
     }
     assert_eq!(v["batch"], 2);
+    assert_eq!(v["dmd_step_replicas"], 2);
     assert_eq!(v["backend"], "cpu");
     let gen = &v["generation_ms_per_batch_by_nfe"];
     assert!(gen["1"].as_f64().unwrap() > 0.0 && gen["3"].as_f64().unwrap() > 0.0, "{gen}");

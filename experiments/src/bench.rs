@@ -4,6 +4,7 @@
 
 use crate::device::Backend;
 use crate::distill::{DistillConfig, Distiller};
+use crate::parallel::{run_replicas, Replica};
 use crate::fid::{frechet_distance, StatsAccumulator};
 use dmd_models::inception::{FidInception, FidPreprocess};
 use rand::rngs::StdRng;
@@ -52,6 +53,11 @@ pub struct BenchArgs {
     /// 2k-1: EDM's Heun sampler with k steps), e.g. `--sampling 1,35,511`; empty: skip.
     #[arg(long, value_delimiter = ',', default_value = "1,35")]
     pub sampling: Vec<usize>,
+    /// Time the DMD iteration as this many data-parallel replicas of `batch / replicas` each
+    /// (`train.devices`; on the CPU backends threads sharing the one device, see README
+    /// "Scale-out"; on CUDA GPUs 0..replicas). The batch stays the global one.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
     /// Run the network body (everything between EDM's input and output scalings) in bf16,
     /// as DMD2's mixed precision does; parameters and optimiser state stay float32.
     #[arg(long)]
@@ -143,22 +149,39 @@ fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Resu
     let weights = dir.join("teacher.safetensors");
     net.save(&weights)?;
     let cfg: DistillConfig = toml::from_str(&format!(
-        "out_dir = \"{}\"\ndevice = \"{backend}\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {}\nbf16_body = {}\n",
+        "out_dir = \"{}\"\ndevice = \"{backend}\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {}\ndevices = {}\nbf16_body = {}\n",
         dir.display(),
         weights.display(),
         args.batch,
+        args.replicas,
         args.bf16
     ))?;
-    let mut d = Distiller::new(&cfg, None)?;
+    cfg.validate()?;
+    // The main replica's step time is the iteration's: it includes waiting for the others' sums.
+    let mut replicas = Replica::group(backend, args.replicas)?;
+    let (main, device) = replicas.remove(0);
+    let mut d = Distiller::replica(&cfg, None, main.clone(), device)?;
+    let steps = args.warmup + args.train_iters.max(1);
     let mut times = Vec::new();
-    for step in 0..args.warmup + args.train_iters.max(1) {
-        let t = Instant::now();
-        d.step(step)?;
-        d.ad.sync().ok();
-        if step >= args.warmup {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
+    run_replicas(
+        &main,
+        || {
+            for step in 0..steps {
+                let t = Instant::now();
+                d.step(step)?;
+                d.ad.sync().ok();
+                if step >= args.warmup {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Ok(())
+        },
+        replicas,
+        |r, device| {
+            let mut d = Distiller::replica(&cfg, None, r.clone(), device)?;
+            (0..steps).try_for_each(|step| d.step(step).map(|_| ()))
+        },
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(median(times))
 }
@@ -320,6 +343,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let precision = if args.bf16 { "bf16 body" } else { "float32" };
     println!("# dmd bench: {name}, {:?}, batch {}, {precision}, {threads} threads available; medians of {} after {} warm-up", cfg.model_type, args.batch, args.iters, args.warmup);
+    if args.replicas > 1 {
+        println!("# DMD iteration as {} data-parallel replicas of {} images each", args.replicas, args.batch as f64 / args.replicas as f64);
+    }
     println!("{:<8} {:>14} {:>20} {:>18} {:>20}", "backend", "forward (ms)", "forward (images/s)", "teacher step (ms)", "DMD iteration (ms)");
     let mut per_backend = serde_json::Map::new();
     let mut reference = serde_json::Map::new();
@@ -446,6 +472,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             obj.insert("train_iters".into(), serde_json::json!(args.train_iters));
             obj.insert("threads".into(), serde_json::json!(threads));
             obj.insert("bf16_body".into(), serde_json::json!(args.bf16));
+            obj.insert("dmd_step_replicas".into(), serde_json::json!(args.replicas));
             obj.insert("parameters".into(), serde_json::json!(params));
             obj.insert("dmd_static_memory_gib".into(), serde_json::json!(params.map(static_gib)));
             obj.insert("machine".into(), serde_json::json!(crate::experiment::machine()));
