@@ -264,7 +264,6 @@ fn is_release(e: &anyhow::Error) -> bool {
 /// An all-reduce (sum) between the threads of this process through host memory, for the CPU
 /// backends, which have no collective in Burn 0.22. Sums in rank order: deterministic.
 pub struct HostSum {
-    world: usize,
     state: Mutex<HostSumState>,
     changed: Condvar,
 }
@@ -272,7 +271,7 @@ pub struct HostSum {
 struct HostSumState {
     round: u64,
     parts: Vec<Option<Vec<f32>>>,
-    result: Option<Arc<Vec<f32>>>,
+    result: Option<Vec<f32>>,
     readers: usize,
     aborted: bool,
 }
@@ -280,7 +279,7 @@ struct HostSumState {
 impl HostSum {
     fn new(world: usize) -> Self {
         let state = HostSumState { round: 0, parts: vec![None; world], result: None, readers: 0, aborted: false };
-        Self { world, state: Mutex::new(state), changed: Condvar::new() }
+        Self { state: Mutex::new(state), changed: Condvar::new() }
     }
 
     /// The sum of every replica's `values`; `values` itself once aborted.
@@ -309,7 +308,7 @@ impl HostSum {
             for p in &parts[1..] {
                 total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
             }
-            s.result = Some(Arc::new(total));
+            s.result = Some(total);
             s.readers = 0;
             s.round += 1;
             self.changed.notify_all();
@@ -321,9 +320,9 @@ impl HostSum {
             // Aborted before every replica's part arrived.
             return s.parts[rank].take().expect("this replica's part");
         }
-        let out = s.result.as_ref().expect("set by the last replica").as_ref().clone();
+        let out = s.result.clone().expect("set by the last replica");
         s.readers += 1;
-        if s.readers == self.world {
+        if s.readers == s.parts.len() {
             s.result = None;
             self.changed.notify_all();
         }

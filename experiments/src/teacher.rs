@@ -299,10 +299,7 @@ pub fn train(cfg: &TeacherConfig, show_progress: bool, force_resume: bool) -> Re
             Ok(())
         },
         replicas,
-        |r, device| {
-            let data = DataSource::open(&cfg.data)?;
-            train_replica(cfg, r, &device, &data, &net_cfg, state.clone(), false).map(|_| ())
-        },
+        |r, device| train_replica(cfg, r, &device, &data, &net_cfg, state.clone(), false).map(|_| ()),
     )?;
     let ema = ema.expect("set when the main replica succeeds");
 
