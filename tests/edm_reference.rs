@@ -1,12 +1,22 @@
 //! EDM networks and sampler against the official implementation (`../shared/reference/edm`):
 //! the denoiser outputs and 18-step Heun samples of `adm_tiny` (DhariwalUNet) and
-//! `ddpmpp_tiny` (SongUNet, DDPM++), loaded through the real import path, on both CPU backends.
+//! `ddpmpp_tiny` (SongUNet, DDPM++), loaded through the real import path, on both CPU backends
+//! and with both ways of computing the convolutions (Burn's `conv2d` and our im2col product,
+//! the default on CUDA).
 
 mod common;
 
 use common::*;
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Distribution, Tensor};
+use dmd_models::nn::{conv2d_im2col, set_conv_impl, ConvImpl};
 use dmd_models::{edm_time_steps, sample, EdmPrecond, HostTensor, NetDenoiser, SamplerConfig};
 use std::path::Path;
+use std::sync::Mutex;
+
+/// The convolution choice is process-wide: the tests that change it take turns.
+static CONV_IMPL: Mutex<()> = Mutex::new(());
 
 fn check_case(dir: &Path, name: &str) {
     let cases = read(&dir.join(format!("{name}_cases.safetensors")));
@@ -16,7 +26,11 @@ fn check_case(dir: &Path, name: &str) {
     let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();
     assert!(rel_l2(&t32, &t_ref.data) < 1e-7, "{name}: time steps differ");
 
-    for (backend, device) in cpu_backends() {
+    let _turn = CONV_IMPL.lock().unwrap_or_else(|e| e.into_inner());
+    let runs = cpu_backends().into_iter().map(|(b, d)| (b.to_string(), d, ConvImpl::Native));
+    let im2col = cpu_backends().into_iter().map(|(b, d)| (format!("{b}, im2col"), d, ConvImpl::Im2col));
+    for (backend, device, conv) in runs.chain(im2col) {
+        set_conv_impl(conv);
         let net = EdmPrecond::load(&dir.join(format!("{name}.safetensors")), &dir.join(format!("{name}.json")), &device, "teacher")
             .unwrap_or_else(|e| panic!("{e}"));
         let x = get(&cases, "denoise_x").to_tensor::<4>(&device);
@@ -29,6 +43,7 @@ fn check_case(dir: &Path, name: &str) {
         let samples = sample(&denoiser, get(&cases, "sample_latents"), Some(get(&cases, "sample_labels")), &SamplerConfig::default(), &mut [], |_| {});
         assert_close(&format!("{name} sample_out [{backend}]"), &samples, get(&cases, "sample_out"), 1e-5);
     }
+    set_conv_impl(ConvImpl::Native);
 }
 
 #[test]
@@ -41,4 +56,38 @@ fn adm_tiny_matches_edm() {
 fn ddpmpp_tiny_matches_edm() {
     let Some(dir) = reference_dir("edm") else { return };
     check_case(&dir, "ddpmpp_tiny");
+}
+
+/// The im2col convolution's output and gradients (input, weight, bias) agree with Burn's
+/// `conv2d` for the kernel shapes the networks use, with and without padding.
+#[test]
+fn im2col_conv_matches_burn_conv2d() {
+    for (backend, device) in cpu_backends() {
+        let ad = device.clone().autodiff();
+        for (k, pad) in [(3, 1), (1, 0), (3, 0), (2, 1)] {
+            let x = Tensor::<4>::random([2, 5, 7, 6], Distribution::Normal(0.0, 1.0), &ad);
+            let w = Tensor::<4>::random([4, 5, k, k], Distribution::Normal(0.0, 1.0), &ad);
+            let b = Tensor::<1>::random([4], Distribution::Normal(0.0, 1.0), &ad);
+            // A fixed output weighting, so that the gradients are not all ones.
+            let ho = 7 + 2 * pad + 1 - k;
+            let wo = 6 + 2 * pad + 1 - k;
+            let r = Tensor::<4>::random([2, 4, ho, wo], Distribution::Normal(0.0, 1.0), &ad);
+            let run = |im2col: bool| {
+                let (x, w, b) = (x.clone().detach().require_grad(), w.clone().detach().require_grad(), b.clone().detach().require_grad());
+                let y = if im2col {
+                    conv2d_im2col(x.clone(), w.clone(), Some(b.clone()), pad)
+                } else {
+                    conv2d(x.clone(), w.clone(), Some(b.clone()), ConvOptions::new([1, 1], [pad, pad], [1, 1], 1))
+                };
+                let grads = (y.clone() * r.clone()).sum().backward();
+                [y, x.grad(&grads).unwrap(), w.grad(&grads).unwrap().reshape([-1, 1, 1, 1]), b.grad(&grads).unwrap().reshape([-1, 1, 1, 1])]
+                    .map(|t| HostTensor::from_tensor(t.reshape([-1]).inner()).data)
+            };
+            let (want, got) = (run(false), run(true));
+            for (what, (g, w)) in ["output", "input gradient", "weight gradient", "bias gradient"].iter().zip(got.iter().zip(&want)) {
+                let err = rel_l2(g, w);
+                assert!(err < 1e-6, "[{backend}] {k}x{k} pad {pad}: {what} relative L2 error {err:.2e}");
+            }
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! with `--features cuda`).
 
 use anyhow::Result;
+use dmd_models::nn::ConvImpl;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +30,10 @@ impl std::fmt::Display for Backend {
 }
 
 impl Backend {
-    /// The device to compute on (no autodiff).
+    /// The device to compute on (no autodiff). Also sets how the process computes its
+    /// convolutions, which depends on the backend (`conv_impl`).
     pub fn device(self) -> Result<Device> {
+        dmd_models::nn::set_conv_impl(self.conv_impl()?);
         Ok(match self {
             Self::Cpu => Device::flex(),
             // Deprecated upstream in favour of flex; kept for users' deterministic tests.
@@ -44,8 +47,25 @@ impl Backend {
     /// which every index names.
     pub fn device_at(self, index: usize) -> Result<Device> {
         match self {
-            Self::Cuda => cuda_device(index),
+            Self::Cuda => {
+                dmd_models::nn::set_conv_impl(self.conv_impl()?);
+                cuda_device(index)
+            }
             _ => self.device(),
+        }
+    }
+
+    /// How stride-1 convolutions run on this backend: `DMD_CONV=native|im2col` when set;
+    /// otherwise im2col on CUDA, where Burn 0.22 (without its `autotune` feature) runs
+    /// `conv2d` as a direct kernel many times slower than its matrix product
+    /// (results/bench/cuda), and Burn's own `conv2d` on the CPU backends.
+    pub fn conv_impl(self) -> Result<ConvImpl> {
+        match std::env::var("DMD_CONV").ok().as_deref() {
+            Some("native") => Ok(ConvImpl::Native),
+            Some("im2col") => Ok(ConvImpl::Im2col),
+            Some(other) => anyhow::bail!("DMD_CONV={other:?}: expected `native` or `im2col`"),
+            None if self == Self::Cuda => Ok(ConvImpl::Im2col),
+            None => Ok(ConvImpl::Native),
         }
     }
 }

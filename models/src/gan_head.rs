@@ -37,6 +37,9 @@ impl HeadConv {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let (s, p) = (self.stride, self.padding);
+        if s == 1 {
+            return crate::nn::conv2d_stride1(x, self.weight.val(), Some(self.bias.val()), p);
+        }
         conv2d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([s, s], [p, p], [1, 1], 1))
     }
 }
@@ -67,7 +70,7 @@ impl GanHead {
         // torch.nn.GroupNorm(32, C) (not EDM's GroupNorm, which keeps >= 4 channels a group).
         let norm = |init: &mut Init| {
             let mut n = GroupNorm::new(init, c, 1e-5);
-            n.num_groups = gcd(32, c);
+            n.num_groups = crate::nn::gcd(32, c);
             HeadLayer::Norm(n)
         };
         let (k0, s0, p0, r1) = if r >= 2 { (4, 2, 1, (r + 2 - 4) / 2 + 1) } else { (1, 1, 0, r) };
@@ -93,8 +96,4 @@ impl GanHead {
         }
         x.reshape([n])
     }
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
 }

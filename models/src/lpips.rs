@@ -11,8 +11,8 @@ use crate::nn::{Init, ModuleDict};
 use crate::weights::{load_named, NamedTensors, WeightError};
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
-use burn::tensor::module::{conv2d, interpolate, max_pool2d};
-use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions, MaxPoolOptions};
+use burn::tensor::module::{interpolate, max_pool2d};
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::path::Path;
 
@@ -72,7 +72,7 @@ impl Vgg16Features {
             if POOL_BEFORE.contains(&i) {
                 x = max_pool2d(x, MaxPoolOptions::new([2, 2]));
             }
-            x = relu(conv2d(x, conv.weight.val(), Some(conv.bias.val()), ConvOptions::new([1, 1], [1, 1], [1, 1], 1)));
+            x = relu(crate::nn::conv2d_stride1(x, conv.weight.val(), Some(conv.bias.val()), 1));
             if TAPS.contains(&i) {
                 taps.push(x.clone());
             }

@@ -15,6 +15,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Where fresh parameters come from: the device, and a host RNG so that a seeded
 /// initialisation is identical on every backend.
@@ -198,7 +199,7 @@ impl Conv2d {
         let w = self.weight.as_ref().map(|w| like(w.val(), dtype));
         let w_pad = w.as_ref().map_or(0, |w| w.dims()[3] / 2);
         let f_pad = self.resample_filter.as_ref().map_or(0, |f| (f.shape()[3] - 1) / 2);
-        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d(x, w, None, ConvOptions::new([1, 1], [pad, pad], [1, 1], 1));
+        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_stride1(x, w, None, pad);
         let up = |x: Tensor<4>, c: usize, pad: usize| {
             conv_transpose2d(x, self.filter(c, 4.0, dtype), None, ConvTransposeOptions::new([2, 2], [pad, pad], [0, 0], [1, 1], c))
         };
@@ -237,6 +238,66 @@ impl Conv2d {
             Some(b) => x + like(b.val(), dtype).reshape([1, -1, 1, 1]),
             None => x,
         }
+    }
+}
+
+/// How the stride-1, ungrouped convolutions of the networks (EDM's 1x1 and 3x3, Stable
+/// Diffusion's, LPIPS's VGG) are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvImpl {
+    /// Burn's `conv2d` (and its backward kernels). The fastest on the CPU backends.
+    Native,
+    /// `conv2d_im2col`: shifted copies of the input and one matrix product. On CUDA Burn
+    /// 0.22 without its `autotune` feature runs `conv2d` as a direct kernel (and its weight
+    /// gradient as a convolution over the batch), far slower than its matrix product.
+    Im2col,
+}
+
+static CONV_IMPL: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the convolution for the whole process (`dmd` sets it from the device, or from
+/// the `DMD_CONV` environment variable).
+pub fn set_conv_impl(imp: ConvImpl) {
+    CONV_IMPL.store(imp as u8, Ordering::Relaxed);
+}
+
+pub fn conv_impl() -> ConvImpl {
+    if CONV_IMPL.load(Ordering::Relaxed) == ConvImpl::Im2col as u8 { ConvImpl::Im2col } else { ConvImpl::Native }
+}
+
+/// A stride-1, ungrouped convolution with `padding` on every side, computed as `conv_impl()`
+/// says.
+pub fn conv2d_stride1(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, padding: usize) -> Tensor<4> {
+    match conv_impl() {
+        ConvImpl::Native => conv2d(x, weight, bias, ConvOptions::new([1, 1], [padding, padding], [1, 1], 1)),
+        ConvImpl::Im2col => conv2d_im2col(x, weight, bias, padding),
+    }
+}
+
+/// The same convolution as one matrix product: the kh x kw shifted views of the padded
+/// input stacked as [N, C*kh*kw, Ho*Wo] (channel-major, like the weight's [O, C, kh, kw]),
+/// multiplied by the weight as [O, C*kh*kw]. A 1x1 convolution is the product alone.
+/// Autodiff differentiates it through slices and the product.
+pub fn conv2d_im2col(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, padding: usize) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    let [o, c_w, kh, kw] = weight.dims();
+    assert_eq!(c, c_w, "conv2d_im2col: input has {c} channels, weight expects {c_w}");
+    let (ho, wo) = (h + 2 * padding + 1 - kh, w + 2 * padding + 1 - kw);
+    let cols = if kh == 1 && kw == 1 && padding == 0 {
+        x.reshape([n, c, h * w])
+    } else {
+        let x = if padding > 0 { x.pad((padding, padding, padding, padding), 0.0) } else { x };
+        let taps: Vec<Tensor<4>> = (0..kh)
+            .flat_map(|i| (0..kw).map(move |j| (i, j)))
+            .map(|(i, j)| x.clone().slice([0..n, 0..c, i..i + ho, j..j + wo]))
+            .collect();
+        Tensor::stack::<5>(taps, 2).reshape([n, c * kh * kw, ho * wo])
+    };
+    let y = weight.reshape([1, o, c * kh * kw]).matmul(cols).reshape([n, o, ho, wo]);
+    match bias {
+        Some(b) => y + b.reshape([1, o, 1, 1]),
+        None => y,
     }
 }
 
@@ -292,17 +353,30 @@ impl GroupNorm {
     /// and returns the input's dtype. The affine weight is folded into the per-group scale
     /// 1/sqrt(var + eps) first: one full-size pass fewer than normalising, then scaling
     /// (about 15-25% faster on flex).
+    ///
+    /// Each group's values are viewed as [rows, k] (k up to 256) and its sums taken in two
+    /// short reductions rather than one long one: without Burn's autotune, CubeCL's reduce
+    /// kernel gives one thread to each output, so a sum over a whole group (24576 values in
+    /// the ImageNet-64 ADM) ran on a few hundred threads. The gradients autodiff sums for the
+    /// broadcast statistics take the same two-step shape.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
         let dtype = x.dtype();
         let g = self.num_groups;
-        let xg = x.cast(FloatDType::F32).reshape([n, g, (c / g) * h * w]);
-        let mean = xg.clone().mean_dim(2);
+        let len = (c / g) * h * w;
+        let k = gcd(len, 256);
+        let group_mean = |t: Tensor<4>| t.sum_dim(3).sum_dim(2).div_scalar(len as f64); // [n, g, 1, 1]
+        let xg = x.cast(FloatDType::F32).reshape([n, g, len / k, k]);
+        let mean = group_mean(xg.clone());
         let centered = xg - mean;
-        let inv_std = centered.clone().square().mean_dim(2).add_scalar(self.eps).sqrt().recip(); // [n, g, 1]
-        let scale = inv_std.expand([n, g, c / g]).reshape([n, c, 1, 1]) * self.weight.val().reshape([1, -1, 1, 1]);
+        let inv_std = group_mean(centered.clone().square()).add_scalar(self.eps).sqrt().recip();
+        let scale = inv_std.reshape([n, g, 1]).expand([n, g, c / g]).reshape([n, c, 1, 1]) * self.weight.val().reshape([1, -1, 1, 1]);
         (centered.reshape([n, c, h, w]) * scale + self.bias.val().reshape([1, -1, 1, 1])).cast(dtype)
     }
+}
+
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// GELU in its exact erf form (PyTorch's default). Written out because Burn's `gelu`
