@@ -59,25 +59,28 @@ fn ddpmpp_tiny_matches_edm() {
 }
 
 /// The im2col convolution's output and gradients (input, weight, bias) agree with Burn's
-/// `conv2d` for the kernel shapes the networks use, with and without padding.
+/// `conv2d` for the kernel shapes the networks use (EDM's 3x3 and 1x1, Inception's 1x7 and
+/// 7x1, a 1x1 to one channel on one image as in the GAN head), with and without padding.
 #[test]
 fn im2col_conv_matches_burn_conv2d() {
     for (backend, device) in cpu_backends() {
         let ad = device.clone().autodiff();
-        for (k, pad) in [(3, 1), (1, 0), (3, 0), (2, 1)] {
-            let x = Tensor::<4>::random([2, 5, 7, 6], Distribution::Normal(0.0, 1.0), &ad);
-            let w = Tensor::<4>::random([4, 5, k, k], Distribution::Normal(0.0, 1.0), &ad);
-            let b = Tensor::<1>::random([4], Distribution::Normal(0.0, 1.0), &ad);
+        // (images, out channels, kernel, padding)
+        let cases = [(2, 4, [3, 3], [1, 1]), (2, 4, [1, 1], [0, 0]), (2, 4, [3, 3], [0, 0]), (2, 4, [2, 2], [1, 1]), (2, 4, [1, 7], [0, 3]), (2, 4, [7, 1], [3, 0]), (1, 1, [1, 1], [0, 0])];
+        for (n, o, [kh, kw], [ph, pw]) in cases {
+            let x = Tensor::<4>::random([n, 5, 7, 6], Distribution::Normal(0.0, 1.0), &ad);
+            let w = Tensor::<4>::random([o, 5, kh, kw], Distribution::Normal(0.0, 1.0), &ad);
+            let b = Tensor::<1>::random([o], Distribution::Normal(0.0, 1.0), &ad);
             // A fixed output weighting, so that the gradients are not all ones.
-            let ho = 7 + 2 * pad + 1 - k;
-            let wo = 6 + 2 * pad + 1 - k;
-            let r = Tensor::<4>::random([2, 4, ho, wo], Distribution::Normal(0.0, 1.0), &ad);
+            let ho = 7 + 2 * ph + 1 - kh;
+            let wo = 6 + 2 * pw + 1 - kw;
+            let r = Tensor::<4>::random([n, o, ho, wo], Distribution::Normal(0.0, 1.0), &ad);
             let run = |im2col: bool| {
                 let (x, w, b) = (x.clone().detach().require_grad(), w.clone().detach().require_grad(), b.clone().detach().require_grad());
                 let y = if im2col {
-                    conv2d_im2col(x.clone(), w.clone(), Some(b.clone()), pad)
+                    conv2d_im2col(x.clone(), w.clone(), Some(b.clone()), [ph, pw])
                 } else {
-                    conv2d(x.clone(), w.clone(), Some(b.clone()), ConvOptions::new([1, 1], [pad, pad], [1, 1], 1))
+                    conv2d(x.clone(), w.clone(), Some(b.clone()), ConvOptions::new([1, 1], [ph, pw], [1, 1], 1))
                 };
                 let grads = (y.clone() * r.clone()).sum().backward();
                 [y, x.grad(&grads).unwrap(), w.grad(&grads).unwrap().reshape([-1, 1, 1, 1]), b.grad(&grads).unwrap().reshape([-1, 1, 1, 1])]
@@ -86,7 +89,7 @@ fn im2col_conv_matches_burn_conv2d() {
             let (want, got) = (run(false), run(true));
             for (what, (g, w)) in ["output", "input gradient", "weight gradient", "bias gradient"].iter().zip(got.iter().zip(&want)) {
                 let err = rel_l2(g, w);
-                assert!(err < 1e-6, "[{backend}] {k}x{k} pad {pad}: {what} relative L2 error {err:.2e}");
+                assert!(err < 1e-6, "[{backend}] {n}x{o} {kh}x{kw} pad {ph}x{pw}: {what} relative L2 error {err:.2e}");
             }
         }
     }

@@ -215,7 +215,7 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
     let conv = move |ci: usize, co: usize, k: usize| -> Make {
         Box::new(move |dev: &Device, track: bool| {
             let w = weight([co, ci, k, k], dev, track);
-            Box::new(move |x| conv2d_stride1(x, w.clone(), None, k / 2))
+            Box::new(move |x| conv2d_stride1(x, w.clone(), None, [k / 2, k / 2]))
         })
     };
     let cases: Vec<(String, [usize; 4], Make)> = vec![
@@ -475,6 +475,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             obj.insert("threads".into(), serde_json::json!(threads));
             obj.insert("bf16_body".into(), serde_json::json!(args.bf16));
             obj.insert("dmd_step_replicas".into(), serde_json::json!(args.replicas));
+            obj.insert(
+                "build_features".into(),
+                serde_json::json!({"cuda": cfg!(feature = "cuda"), "cuda_fusion": cfg!(feature = "cuda-fusion"), "cuda_autotune": cfg!(feature = "cuda-autotune")}),
+            );
             obj.insert("parameters".into(), serde_json::json!(params));
             obj.insert("dmd_static_memory_gib".into(), serde_json::json!(params.map(static_gib)));
             obj.insert("machine".into(), serde_json::json!(crate::experiment::machine()));

@@ -60,12 +60,13 @@ impl Backend {
     /// `conv2d` as a direct kernel many times slower than its matrix product
     /// (results/bench/cuda), and Burn's own `conv2d` on the CPU backends.
     pub fn conv_impl(self) -> Result<ConvImpl> {
-        match std::env::var("DMD_CONV").ok().as_deref() {
-            Some("native") => Ok(ConvImpl::Native),
-            Some("im2col") => Ok(ConvImpl::Im2col),
-            Some(other) => anyhow::bail!("DMD_CONV={other:?}: expected `native` or `im2col`"),
-            None if self == Self::Cuda => Ok(ConvImpl::Im2col),
-            None => Ok(ConvImpl::Native),
+        let choice = std::env::var("DMD_CONV").unwrap_or_default().trim().to_ascii_lowercase();
+        match choice.as_str() {
+            "native" => Ok(ConvImpl::Native),
+            "im2col" => Ok(ConvImpl::Im2col),
+            "" if self == Self::Cuda => Ok(ConvImpl::Im2col),
+            "" => Ok(ConvImpl::Native),
+            other => anyhow::bail!("DMD_CONV={other:?}: expected `native` or `im2col`"),
         }
     }
 }

@@ -38,7 +38,7 @@ impl HeadConv {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let (s, p) = (self.stride, self.padding);
         if s == 1 {
-            return crate::nn::conv2d_stride1(x, self.weight.val(), Some(self.bias.val()), p);
+            return crate::nn::conv2d_stride1(x, self.weight.val(), Some(self.bias.val()), [p, p]);
         }
         conv2d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([s, s], [p, p], [1, 1], 1))
     }

@@ -61,7 +61,11 @@ impl BasicConv2d {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let s = self.stride;
-        let x = conv2d(x, self.conv.weight.val(), None, ConvOptions::new([s, s], self.padding, [1, 1], 1));
+        let x = if s == 1 {
+            crate::nn::conv2d_stride1(x, self.conv.weight.val(), None, self.padding)
+        } else {
+            conv2d(x, self.conv.weight.val(), None, ConvOptions::new([s, s], self.padding, [1, 1], 1))
+        };
         let bn = &self.bn;
         let scale = bn.weight.val() / bn.running_var.val().add_scalar(1e-3).sqrt();
         let shift = bn.bias.val() - bn.running_mean.val() * scale.clone();

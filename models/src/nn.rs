@@ -199,7 +199,7 @@ impl Conv2d {
         let w = self.weight.as_ref().map(|w| like(w.val(), dtype));
         let w_pad = w.as_ref().map_or(0, |w| w.dims()[3] / 2);
         let f_pad = self.resample_filter.as_ref().map_or(0, |f| (f.shape()[3] - 1) / 2);
-        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_stride1(x, w, None, pad);
+        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_stride1(x, w, None, [pad, pad]);
         let up = |x: Tensor<4>, c: usize, pad: usize| {
             conv_transpose2d(x, self.filter(c, 4.0, dtype), None, ConvTransposeOptions::new([2, 2], [pad, pad], [0, 0], [1, 1], c))
         };
@@ -266,11 +266,11 @@ pub fn conv_impl() -> ConvImpl {
     if CONV_IMPL.load(Ordering::Relaxed) == ConvImpl::Im2col as u8 { ConvImpl::Im2col } else { ConvImpl::Native }
 }
 
-/// A stride-1, ungrouped convolution with `padding` on every side, computed as `conv_impl()`
-/// says.
-pub fn conv2d_stride1(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, padding: usize) -> Tensor<4> {
+/// A stride-1, ungrouped convolution with zero padding `[top and bottom, left and right]`,
+/// computed as `conv_impl()` says.
+pub fn conv2d_stride1(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, padding: [usize; 2]) -> Tensor<4> {
     match conv_impl() {
-        ConvImpl::Native => conv2d(x, weight, bias, ConvOptions::new([1, 1], [padding, padding], [1, 1], 1)),
+        ConvImpl::Native => conv2d(x, weight, bias, ConvOptions::new([1, 1], padding, [1, 1], 1)),
         ConvImpl::Im2col => conv2d_im2col(x, weight, bias, padding),
     }
 }
@@ -279,15 +279,17 @@ pub fn conv2d_stride1(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, 
 /// input stacked as [N, C*kh*kw, Ho*Wo] (channel-major, like the weight's [O, C, kh, kw]),
 /// multiplied by the weight as [O, C*kh*kw]. A 1x1 convolution is the product alone.
 /// Autodiff differentiates it through slices and the product.
-pub fn conv2d_im2col(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, padding: usize) -> Tensor<4> {
+pub fn conv2d_im2col(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, padding: [usize; 2]) -> Tensor<4> {
     let [n, c, h, w] = x.dims();
     let [o, c_w, kh, kw] = weight.dims();
+    let [ph, pw] = padding;
     assert_eq!(c, c_w, "conv2d_im2col: input has {c} channels, weight expects {c_w}");
-    let (ho, wo) = (h + 2 * padding + 1 - kh, w + 2 * padding + 1 - kw);
-    let cols = if kh == 1 && kw == 1 && padding == 0 {
+    assert!(kh <= h + 2 * ph && kw <= w + 2 * pw, "conv2d_im2col: kernel {kh}x{kw} larger than the padded input {}x{}", h + 2 * ph, w + 2 * pw);
+    let (ho, wo) = (h + 2 * ph + 1 - kh, w + 2 * pw + 1 - kw);
+    let cols = if kh == 1 && kw == 1 && padding == [0, 0] {
         x.reshape([n, c, h * w])
     } else {
-        let x = if padding > 0 { x.pad((padding, padding, padding, padding), 0.0) } else { x };
+        let x = if padding != [0, 0] { x.pad((pw, pw, ph, ph), 0.0) } else { x };
         let taps: Vec<Tensor<4>> = (0..kh)
             .flat_map(|i| (0..kw).map(move |j| (i, j)))
             .map(|(i, j)| x.clone().slice([0..n, 0..c, i..i + ho, j..j + wo]))

@@ -53,7 +53,7 @@ impl Conv {
         let w = like(self.weight.val(), dtype);
         let b = like(self.bias.val(), dtype);
         if s == 1 {
-            return crate::nn::conv2d_stride1(x, w, Some(b), p);
+            return crate::nn::conv2d_stride1(x, w, Some(b), [p, p]);
         }
         conv2d(x, w, Some(b), ConvOptions::new([s, s], [p, p], [1, 1], 1))
     }
