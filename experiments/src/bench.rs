@@ -196,7 +196,7 @@ type Block = Box<dyn Fn(Tensor<4>) -> Tensor<4>>;
 fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize) -> Vec<(String, f64, f64)> {
     use burn::tensor::module::avg_pool2d;
     use burn::tensor::ops::AvgPoolOptions;
-    use dmd_models::nn::{attention, conv2d_stride1, silu, GroupNorm, Init};
+    use dmd_models::nn::{attention, conv2d_dense, silu, GroupNorm, Init};
     let (c, r) = (cfg.model_channels(), cfg.img_resolution);
     let (c2, r2) = (2 * c, (r / 2).max(1));
     let heads = (c2 / 64).max(1);
@@ -215,7 +215,7 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
     let conv = move |ci: usize, co: usize, k: usize| -> Make {
         Box::new(move |dev: &Device, track: bool| {
             let w = weight([co, ci, k, k], dev, track);
-            Box::new(move |x| conv2d_stride1(x, w.clone(), None, [k / 2, k / 2]))
+            Box::new(move |x| conv2d_dense(x, w.clone(), None, 1, [k / 2, k / 2]))
         })
     };
     let cases: Vec<(String, [usize; 4], Make)> = vec![
@@ -362,7 +362,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for backend in &args.backends {
         let device = backend.device()?;
         let net = EdmPrecond::new(&cfg, &device, 0).with_bf16_body(args.bf16);
-        println!("# {backend}: convolutions {:?}", backend.conv_impl()?);
+        let conv = backend.conv_impl()?;
+        println!("# {backend}: convolutions {conv:?}");
         if params.is_none() {
             params = Some(net.num_params());
             println!("# {:.1}M parameters; a DMD run's weights, gradients and AdamW moments: {:.2} GiB before activations", net.num_params() as f64 / 1e6, static_gib(net.num_params()));
@@ -446,7 +447,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             backend.to_string(),
             serde_json::json!({
                 "ops": ops,
-                "conv": backend.conv_impl()?,
+                "conv": conv,
                 "denoise_fwd_ms": fwd_s * 1000.0,
                 "denoise_images_per_s": args.batch as f64 / fwd_s,
                 "teacher_step_ms": train_s.map(|s| s * 1000.0),

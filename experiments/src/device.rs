@@ -30,29 +30,23 @@ impl std::fmt::Display for Backend {
 }
 
 impl Backend {
-    /// The device to compute on (no autodiff). Also sets how the process computes its
-    /// convolutions, which depends on the backend (`conv_impl`).
+    /// The device to compute on (no autodiff): `device_at(0)`.
     pub fn device(self) -> Result<Device> {
+        self.device_at(0)
+    }
+
+    /// Device `index` of this backend: GPU `index` on CUDA; the CPU backends have one device,
+    /// which every index names. Also sets how the process computes its convolutions, which
+    /// depends on the backend (`conv_impl`).
+    pub fn device_at(self, index: usize) -> Result<Device> {
         dmd_models::nn::set_conv_impl(self.conv_impl()?);
         Ok(match self {
             Self::Cpu => Device::flex(),
             // Deprecated upstream in favour of flex; kept for users' deterministic tests.
             #[allow(deprecated)]
             Self::Ndarray => Device::ndarray(),
-            Self::Cuda => cuda_device(0)?,
+            Self::Cuda => cuda_device(index)?,
         })
-    }
-
-    /// Device `index` of this backend: GPU `index` on CUDA; the CPU backends have one device,
-    /// which every index names.
-    pub fn device_at(self, index: usize) -> Result<Device> {
-        match self {
-            Self::Cuda => {
-                dmd_models::nn::set_conv_impl(self.conv_impl()?);
-                cuda_device(index)
-            }
-            _ => self.device(),
-        }
     }
 
     /// How stride-1 convolutions run on this backend: `DMD_CONV=native|im2col` when set;

@@ -7,10 +7,8 @@
 //! bottleneck sizes r the second conv spans the remaining r/2 x r/2; a 1x1 bottleneck (the
 //! toy MLP) gets 1x1 convs throughout, i.e. an MLP.
 
-use crate::nn::{silu, GroupNorm, Init, InitMode, InitSpec, ModuleDict};
+use crate::nn::{conv2d_dense, silu, GroupNorm, Init, InitMode, InitSpec, ModuleDict};
 use burn::module::{Module, Param};
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 
 #[derive(Module, Debug)]
@@ -37,10 +35,7 @@ impl HeadConv {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let (s, p) = (self.stride, self.padding);
-        if s == 1 {
-            return crate::nn::conv2d_stride1(x, self.weight.val(), Some(self.bias.val()), [p, p]);
-        }
-        conv2d(x, self.weight.val(), Some(self.bias.val()), ConvOptions::new([s, s], [p, p], [1, 1], 1))
+        conv2d_dense(x, self.weight.val(), Some(self.bias.val()), s, [p, p])
     }
 }
 

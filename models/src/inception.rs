@@ -5,12 +5,12 @@
 //! `fid.py` network) under these names. Inference only; batch norms use their running stats.
 
 use crate::lpips::upsample_bilinear;
-use crate::nn::{Init, ModuleDict};
+use crate::nn::{conv2d_dense, Init, ModuleDict};
 use crate::weights::{load_named, NamedTensors, WeightError};
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
-use burn::tensor::module::{avg_pool2d, conv2d, max_pool2d};
-use burn::tensor::ops::{AvgPoolOptions, ConvOptions, GridSampleOptions, GridSamplePaddingMode, InterpolateMode, MaxPoolOptions};
+use burn::tensor::module::{avg_pool2d, max_pool2d};
+use burn::tensor::ops::{AvgPoolOptions, GridSampleOptions, GridSamplePaddingMode, InterpolateMode, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -60,12 +60,7 @@ impl BasicConv2d {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let s = self.stride;
-        let x = if s == 1 {
-            crate::nn::conv2d_stride1(x, self.conv.weight.val(), None, self.padding)
-        } else {
-            conv2d(x, self.conv.weight.val(), None, ConvOptions::new([s, s], self.padding, [1, 1], 1))
-        };
+        let x = conv2d_dense(x, self.conv.weight.val(), None, self.stride, self.padding);
         let bn = &self.bn;
         let scale = bn.weight.val() / bn.running_var.val().add_scalar(1e-3).sqrt();
         let shift = bn.bias.val() - bn.running_mean.val() * scale.clone();

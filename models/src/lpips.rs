@@ -72,7 +72,7 @@ impl Vgg16Features {
             if POOL_BEFORE.contains(&i) {
                 x = max_pool2d(x, MaxPoolOptions::new([2, 2]));
             }
-            x = relu(crate::nn::conv2d_stride1(x, conv.weight.val(), Some(conv.bias.val()), [1, 1]));
+            x = relu(crate::nn::conv2d_dense(x, conv.weight.val(), Some(conv.bias.val()), 1, [1, 1]));
             if TAPS.contains(&i) {
                 taps.push(x.clone());
             }

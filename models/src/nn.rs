@@ -199,7 +199,7 @@ impl Conv2d {
         let w = self.weight.as_ref().map(|w| like(w.val(), dtype));
         let w_pad = w.as_ref().map_or(0, |w| w.dims()[3] / 2);
         let f_pad = self.resample_filter.as_ref().map_or(0, |f| (f.shape()[3] - 1) / 2);
-        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_stride1(x, w, None, [pad, pad]);
+        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_dense(x, w, None, 1, [pad, pad]);
         let up = |x: Tensor<4>, c: usize, pad: usize| {
             conv_transpose2d(x, self.filter(c, 4.0, dtype), None, ConvTransposeOptions::new([2, 2], [pad, pad], [0, 0], [1, 1], c))
         };
@@ -242,7 +242,7 @@ impl Conv2d {
 }
 
 /// How the stride-1, ungrouped convolutions of the networks (EDM's 1x1 and 3x3, Stable
-/// Diffusion's, LPIPS's VGG) are computed.
+/// Diffusion's, LPIPS's VGG, the GAN head's, the FID Inception's) are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConvImpl {
@@ -266,12 +266,13 @@ pub fn conv_impl() -> ConvImpl {
     if CONV_IMPL.load(Ordering::Relaxed) == ConvImpl::Im2col as u8 { ConvImpl::Im2col } else { ConvImpl::Native }
 }
 
-/// A stride-1, ungrouped convolution with zero padding `[top and bottom, left and right]`,
-/// computed as `conv_impl()` says.
-pub fn conv2d_stride1(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, padding: [usize; 2]) -> Tensor<4> {
+/// An ungrouped convolution with zero padding `[top and bottom, left and right]`, the one
+/// every network calls. At stride 1 it is computed as `conv_impl()` says; other strides (a
+/// few down-sampling layers) always use Burn's `conv2d`.
+pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
     match conv_impl() {
-        ConvImpl::Native => conv2d(x, weight, bias, ConvOptions::new([1, 1], padding, [1, 1], 1)),
-        ConvImpl::Im2col => conv2d_im2col(x, weight, bias, padding),
+        ConvImpl::Im2col if stride == 1 => conv2d_im2col(x, weight, bias, padding),
+        _ => conv2d(x, weight, bias, ConvOptions::new([stride, stride], padding, [1, 1], 1)),
     }
 }
 

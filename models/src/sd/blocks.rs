@@ -3,10 +3,9 @@
 //! `Downsample2D` and `Upsample2D`. Field names are diffusers' parameter names, so a
 //! diffusers `state_dict` maps onto them one to one.
 
-use crate::nn::{like, silu, upsample_nearest2x, GroupNorm, Init, InitMode, InitSpec, Linear};
+use crate::nn::{conv2d_dense, like, silu, upsample_nearest2x, GroupNorm, Init, InitMode, InitSpec, Linear};
 use burn::module::{Module, Param};
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::ops::PadMode;
 use burn::tensor::Tensor;
 
 /// PyTorch's default initialisation of `nn.Linear` / `nn.Conv2d`: kaiming-uniform with
@@ -52,10 +51,7 @@ impl Conv {
         let (s, p) = (self.stride, self.padding);
         let w = like(self.weight.val(), dtype);
         let b = like(self.bias.val(), dtype);
-        if s == 1 {
-            return crate::nn::conv2d_stride1(x, w, Some(b), [p, p]);
-        }
-        conv2d(x, w, Some(b), ConvOptions::new([s, s], [p, p], [1, 1], 1))
+        conv2d_dense(x, w, Some(b), s, [p, p])
     }
 }
 

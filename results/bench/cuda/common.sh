@@ -23,5 +23,17 @@ run() {
     echo "$(date -u +%H:%M:%S.%N) end $name rc $rc" >> "$OUTDIR/phases.txt"
     echo "== $name (rc $rc)"; tail -n 12 "$OUTDIR/$name.log"
 }
-# The issue-9 training pipeline's configs with this machine's paths filled in.
-fill() { sed "s#@DATA@#$PWD/.carry/fmnist#; s#@OUT@#$2#; s#@TEACHER@#$ABS/teacher/teacher.safetensors#; s#@PAIRS@#/tmp/pairs#" "$1"; }
+# Issue 9's training loops on one GPU: teacher (40 steps), pairs, DMD2 distillation (20 steps),
+# from teacher_fmnist_cuda.toml and distill_fmnist_cuda.toml with this machine's paths filled in.
+#   training_pipeline TEACHER_SECONDS PAIRS_SECONDS DISTILL_SECONDS
+training_pipeline() {
+    local abs; abs=$(cd "$OUTDIR" && pwd)
+    local fill="s#@DATA@#$PWD/.carry/fmnist#; s#@TEACHER@#$abs/teacher/teacher.safetensors#; s#@PAIRS@#/tmp/pairs#"
+    sed "$fill; s#@OUT@#$abs/teacher#" results/bench/cuda/teacher_fmnist_cuda.toml > /tmp/teacher.toml
+    sed "$fill; s#@OUT@#$abs/distill#" results/bench/cuda/distill_fmnist_cuda.toml > /tmp/distill.toml
+    run "$1" cuda_train_teacher /tmp/dmd train-teacher --config /tmp/teacher.toml --devices 1
+    run "$2" cuda_make_pairs /tmp/dmd make-pairs --device cuda --teacher "$abs/teacher/teacher.safetensors" --num 64 --steps 4 --out /tmp/pairs
+    run "$3" cuda_distill /tmp/dmd distill --config /tmp/distill.toml --devices 1
+    cp /tmp/teacher.toml /tmp/distill.toml "$OUTDIR/"
+    rm -rf "$OUTDIR"/teacher/checkpoint* "$OUTDIR"/distill/checkpoint*   # large; metrics, samples and the final weights come back
+}

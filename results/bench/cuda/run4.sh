@@ -14,19 +14,12 @@ run 90 dmd_tiny_im2col $B --check-reference $REF --net-config $NET/adm_tiny.json
 run 40 torch_tiny_f32 $PY --iters 10 --net-config $NET/adm_tiny.json --batch 32 --json "$OUTDIR/torch_tiny_f32.json"
 run 60 dmd_tiny_native env DMD_CONV=native $B --net-config $NET/adm_tiny.json --batch 32 --iters 5 --train-iters 5 --sampling 1 --json "$OUTDIR/dmd_tiny_native.json"
 # Issue 9: the training loops on one GPU: teacher (40 steps), pairs, DMD2 distillation (20 steps).
-ABS=$(cd "$OUTDIR" && pwd)
-fill results/bench/cuda/teacher_fmnist_cuda.toml "$ABS/teacher" > /tmp/teacher.toml
-fill results/bench/cuda/distill_fmnist_cuda.toml "$ABS/distill" > /tmp/distill.toml
-run 60 cuda_train_teacher /tmp/dmd train-teacher --config /tmp/teacher.toml --devices 1
-run 40 cuda_make_pairs /tmp/dmd make-pairs --device cuda --teacher "$OUTDIR/teacher/teacher.safetensors" --num 64 --steps 4 --out /tmp/pairs
-run 90 cuda_distill /tmp/dmd distill --config /tmp/distill.toml --devices 1
+training_pipeline 60 40 90
 # Full ImageNet-64 ADM: forward at batch 8 both ways (float32), then the DMD iteration at DMD2's
 # batch 40 with bf16 bodies, and PyTorch's.
 run 50 dmd_in64_b8_im2col $B --net-config $NET/adm_imagenet64.json --batch 8 --no-train --sampling 1 --warmup 1 --iters 3 --json "$OUTDIR/dmd_in64_b8_im2col.json"
 run 120 dmd_in64_b40_bf16 $B --net-config $NET/adm_imagenet64.json --batch 40 --warmup 1 --iters 3 --train-iters 3 --sampling 1 --bf16 --json "$OUTDIR/dmd_in64_b40_bf16.json"
 run 50 torch_in64_b40_bf16 $PY --iters 3 --net-config $NET/adm_imagenet64.json --batch 40 --bf16 --json "$OUTDIR/torch_in64_b40_bf16.json"
 run 40 dmd_in64_b8_native env DMD_CONV=native $B --net-config $NET/adm_imagenet64.json --batch 8 --no-train --sampling 1 --warmup 1 --iters 2 --json "$OUTDIR/dmd_in64_b8_native.json"
-cp /tmp/teacher.toml /tmp/distill.toml "$OUTDIR/" 2>/dev/null
-rm -rf "$OUTDIR"/teacher/checkpoint* "$OUTDIR"/distill/checkpoint*   # large; metrics, samples and the final weights come back
 kill $SMI
 [ -n "${OUT:-}" ] && tar -czf "$OUT/bench.tgz" -C "$OUTDIR" .

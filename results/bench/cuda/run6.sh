@@ -11,13 +11,6 @@ run 80 dmd_tiny_im2col $B --check-reference $REF --net-config $NET/adm_tiny.json
 run 50 dmd_tiny_native env DMD_CONV=native $B --net-config $NET/adm_tiny.json --batch 32 --iters 10 --train-iters 10 --sampling 1 --json "$OUTDIR/dmd_tiny_native.json"
 run 80 dmd_in64_b8 $B --net-config $NET/adm_imagenet64.json --batch 8 --sampling 1 --warmup 1 --iters 3 --train-iters 2 --ops --json "$OUTDIR/dmd_in64_b8.json"
 run 120 dmd_in64_b40_bf16 $B --net-config $NET/adm_imagenet64.json --batch 40 --warmup 1 --iters 3 --train-iters 2 --sampling 1 --bf16 --json "$OUTDIR/dmd_in64_b40_bf16.json"
-ABS=$(cd "$OUTDIR" && pwd)
-fill results/bench/cuda/teacher_fmnist_cuda.toml "$ABS/teacher" > /tmp/teacher.toml
-fill results/bench/cuda/distill_fmnist_cuda.toml "$ABS/distill" > /tmp/distill.toml
-run 50 cuda_train_teacher /tmp/dmd train-teacher --config /tmp/teacher.toml --devices 1
-run 30 cuda_make_pairs /tmp/dmd make-pairs --device cuda --teacher "$ABS/teacher/teacher.safetensors" --num 64 --steps 4 --out /tmp/pairs
-run 60 cuda_distill /tmp/dmd distill --config /tmp/distill.toml --devices 1
-cp /tmp/teacher.toml /tmp/distill.toml "$OUTDIR/" 2>/dev/null
-rm -rf "$OUTDIR"/teacher/checkpoint* "$OUTDIR"/distill/checkpoint*
+training_pipeline 50 30 60
 kill $SMI
 [ -n "${OUT:-}" ] && tar -czf "$OUT/bench.tgz" -C "$OUTDIR" .
