@@ -8,7 +8,7 @@ use burn::tensor::{FloatDType, Tensor};
 /// Scales every gradient of `module` so that their global L2 norm is at most `max_norm`
 /// (no-op when `max_norm` is not positive). Returns the norm before clipping.
 pub fn clip_grad_norm<M: Module>(grads: &mut GradientsParams, module: &M, max_norm: f64) -> f64 {
-    let norm = sum_squares(grads, module).sqrt();
+    let norm = grad_norm(grads, module);
     if max_norm > 0.0 && norm > max_norm {
         scale(grads, module, max_norm / (norm + 1e-6));
     }
@@ -27,27 +27,10 @@ pub fn clip_grad_norm_joint<A: Module, B: Module>(ga: &mut GradientsParams, a: &
     norm
 }
 
-/// The global L2 norm of `module`'s gradients, summed on the device and read back once (for
-/// the NaN/Inf guard of training steps without clipping).
+/// The global L2 norm of `module`'s gradients (also the NaN/Inf guard of training steps
+/// without clipping).
 pub fn grad_norm<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
-    struct Total<'a> {
-        grads: &'a GradientsParams,
-        total: Option<Tensor<1>>,
-    }
-    impl ModuleVisitor for Total<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.get::<D>(param.id) {
-                let s = g.square().sum();
-                self.total = Some(match self.total.take() {
-                    Some(t) => t + s,
-                    None => s,
-                });
-            }
-        }
-    }
-    let mut t = Total { grads, total: None };
-    module.visit(&mut t);
-    t.total.map_or(0.0, |t| t.into_scalar::<f64>().sqrt())
+    sum_squares(grads, module).sqrt()
 }
 
 /// The sum of squares of `module`'s gradients. Each parameter's sum is taken on the device;
