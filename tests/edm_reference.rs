@@ -1,8 +1,8 @@
 //! EDM networks and sampler against the official implementation (`../shared/reference/edm`):
 //! the denoiser outputs and 18-step Heun samples of `adm_tiny` (DhariwalUNet) and
 //! `ddpmpp_tiny` (SongUNet, DDPM++), loaded through the real import path, on both CPU backends
-//! and with both ways of computing the convolutions (Burn's `conv2d` and our im2col product,
-//! the default on CUDA).
+//! and with each way of computing the convolutions (Burn's `conv2d`, our im2col product, and
+//! `gemm_conv2d`, the CUDA default, whose kernels on the CPU are Burn's).
 
 mod common;
 
@@ -13,6 +13,7 @@ use burn::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use dmd_models::gemm_conv::gemm_conv2d;
 use dmd_models::nn::{conv2d_im2col, set_conv_impl, ConvImpl};
 use dmd_models::{edm_time_steps, sample, EdmPrecond, HostTensor, NetDenoiser, SamplerConfig};
 use std::path::Path;
@@ -32,7 +33,8 @@ fn check_case(dir: &Path, name: &str) {
     let _turn = CONV_IMPL.lock().unwrap_or_else(|e| e.into_inner());
     let runs = cpu_backends().into_iter().map(|(b, d)| (b.to_string(), d, ConvImpl::Native));
     let im2col = cpu_backends().into_iter().map(|(b, d)| (format!("{b}, im2col"), d, ConvImpl::Im2col));
-    for (backend, device, conv) in runs.chain(im2col) {
+    let gemm = cpu_backends().into_iter().map(|(b, d)| (format!("{b}, gemm_conv2d"), d, ConvImpl::Gemm));
+    for (backend, device, conv) in runs.chain(im2col).chain(gemm) {
         set_conv_impl(conv);
         let net = EdmPrecond::load(&dir.join(format!("{name}.safetensors")), &dir.join(format!("{name}.json")), &device, "teacher")
             .unwrap_or_else(|e| panic!("{e}"));
@@ -59,6 +61,59 @@ fn adm_tiny_matches_edm() {
 fn ddpmpp_tiny_matches_edm() {
     let Some(dir) = reference_dir("edm") else { return };
     check_case(&dir, "ddpmpp_tiny");
+}
+
+/// `gemm_conv2d` (the CUDA implicit-GEMM convolution's own autodiff operation; on the CPU
+/// backends its three kernels are Burn's `conv2d` and its two backward ops) gives Burn's
+/// `conv2d` output and gradients: the backward wiring (which saved tensor goes to which
+/// kernel, which parent gets which gradient, an untracked input, a gradient flowing on to
+/// the operation before it).
+#[test]
+fn gemm_conv_autodiff_matches_burn_conv2d() {
+    for (backend, device) in cpu_backends() {
+        let ad = device.clone().autodiff();
+        let mut rng = StdRng::seed_from_u64(7);
+        // (out channels, kernel, stride, padding, track the input, track the weight)
+        let cases = [
+            (4, [3, 3], 1, [1, 1], true, true),
+            (3, [3, 3], 1, [0, 0], true, true),
+            (4, [1, 7], 1, [0, 3], true, true),
+            (4, [3, 3], 2, [1, 1], true, true),
+            (4, [3, 3], 1, [1, 1], false, true),
+            (4, [3, 3], 1, [1, 1], true, false),
+        ];
+        for (o, [kh, kw], stride, [ph, pw], track_x, track_w) in cases {
+            let mut normal = |shape: Vec<usize>| {
+                let data = (0..shape.iter().product()).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+                HostTensor::new(shape, data)
+            };
+            let x0: Tensor<4> = normal(vec![2, 5, 7, 6]).to_tensor(&ad);
+            let w0: Tensor<4> = normal(vec![o, 5, kh, kw]).to_tensor(&ad);
+            let r: Tensor<4> = normal(vec![2, o, (7 + 2 * ph - kh) / stride + 1, (6 + 2 * pw - kw) / stride + 1]).to_tensor(&ad);
+            let run = |gemm: bool| {
+                let x0 = x0.clone().detach().require_grad();
+                let w = if track_w { w0.clone().detach().require_grad() } else { w0.clone().detach() };
+                // An operation before the convolution: its input's gradient passes through.
+                let x = if track_x { x0.clone().mul_scalar(1.5) } else { x0.clone().detach() };
+                let y = if gemm { gemm_conv2d(x, w.clone(), stride, [ph, pw]) } else { conv2d(x, w.clone(), None, ConvOptions::new([stride, stride], [ph, pw], [1, 1], 1)) };
+                let grads = (y.clone() * r.clone()).sum().backward();
+                let gx = x0.grad(&grads).map(|g| HostTensor::from_tensor(g.reshape([-1]).inner()).data);
+                let gw = w.grad(&grads).map(|g| HostTensor::from_tensor(g.reshape([-1]).inner()).data);
+                (HostTensor::from_tensor(y.reshape([-1]).inner()).data, gx, gw)
+            };
+            let (want, got) = (run(false), run(true));
+            let case = format!("[{backend}] {o} out, {kh}x{kw} stride {stride} pad {ph}x{pw}, input tracked {track_x}, weight tracked {track_w}");
+            assert!(rel_l2(&got.0, &want.0) < 1e-6, "{case}: output differs");
+            assert_eq!(got.1.is_some(), track_x, "{case}: input gradient present = {}", got.1.is_some());
+            assert_eq!(got.2.is_some(), track_w, "{case}: weight gradient present = {}", got.2.is_some());
+            for (what, g, w) in [("input gradient", &got.1, &want.1), ("weight gradient", &got.2, &want.2)] {
+                if let (Some(g), Some(w)) = (g, w) {
+                    let err = rel_l2(g, w);
+                    assert!(err < 1e-6, "{case}: {what} relative L2 error {err:.2e}");
+                }
+            }
+        }
+    }
 }
 
 /// The im2col convolution's output and gradients (input, weight, bias) agree with Burn's

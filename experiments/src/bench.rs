@@ -380,17 +380,34 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let mut net = Some(assign_ids(EdmPrecond::new(&cfg, &ad, 0), "net").with_bf16_body(args.bf16));
             let mut optim = AdamConfig::new().init();
             let (x, sigma, labels, noise) = (x.clone().to_device(&ad), sigma.clone().to_device(&ad), labels.clone().map(|l| l.to_device(&ad)), noise.clone().to_device(&ad));
-            Some(timed_median(args.warmup, args.train_iters, || {
+            // The step in two timed parts, synchronised between them: the loss's forward +
+            // backward, and the optimiser's update (launch-bound on a GPU: a few kernels per
+            // parameter tensor).
+            let mut parts = Vec::new();
+            let total = timed_median(args.warmup, args.train_iters, || {
+                let t = Instant::now();
                 let n = net.take().expect("network");
                 let loss = edm_loss(&n, x.clone(), labels.clone(), sigma.clone(), noise.clone()).mean();
                 let grads = GradientsParams::from_grads(loss.backward(), &n);
+                ad.sync().ok();
+                let backward = t.elapsed().as_secs_f64();
                 net = Some(optim.step(1e-4, n, grads));
                 ad.sync().ok();
-            }))
+                parts.push((backward, t.elapsed().as_secs_f64() - backward));
+            });
+            let parts = parts.split_off(parts.len().saturating_sub(args.train_iters.max(1)));
+            Some((total, median(parts.iter().map(|p| p.0).collect()), median(parts.iter().map(|p| p.1).collect())))
+        };
+        let (train_s, train_split) = match train_s {
+            Some((total, fwd_bwd, update)) => (Some(total), Some((fwd_bwd, update))),
+            None => (None, None),
         };
         let dmd_s = if args.no_train { None } else { Some(dmd_iteration_s(&net, *backend, args)?) };
         let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.1}", s * 1000.0));
         println!("{:<8} {:>14.1} {:>20.1} {:>18} {:>20}", backend.to_string(), fwd_s * 1000.0, args.batch as f64 / fwd_s, ms(train_s), ms(dmd_s));
+        if let Some((fwd_bwd, update)) = train_split {
+            println!("{:<8} teacher step: loss forward + backward {:.1} ms, Adam update {:.1} ms", backend.to_string(), fwd_bwd * 1000.0, update * 1000.0);
+        }
 
         // Generation: the one-step generator is one network call at sigma_max; the teacher
         // runs EDM's Heun sampler (NFE = 2 steps - 1).
@@ -451,6 +468,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "denoise_fwd_ms": fwd_s * 1000.0,
                 "denoise_images_per_s": args.batch as f64 / fwd_s,
                 "teacher_step_ms": train_s.map(|s| s * 1000.0),
+                "teacher_step_forward_backward_ms": train_split.map(|p| p.0 * 1000.0),
+                "teacher_step_update_ms": train_split.map(|p| p.1 * 1000.0),
                 "dmd_step_ms": dmd_s.map(|s| s * 1000.0),
                 "generation_speedup_of_one_step_by_nfe": speedups(&sampling),
                 "generation_ms_per_batch_by_nfe": sampling,

@@ -49,18 +49,19 @@ impl Backend {
         })
     }
 
-    /// How stride-1 convolutions run on this backend: `DMD_CONV=native|im2col` when set;
-    /// otherwise im2col on CUDA, where Burn 0.22 (without its `autotune` feature) runs
-    /// `conv2d` as a direct kernel many times slower than its matrix product
-    /// (results/bench/cuda), and Burn's own `conv2d` on the CPU backends.
+    /// How convolutions run on this backend: `DMD_CONV=native|im2col|gemm` when set;
+    /// otherwise `gemm` on CUDA (Burn's implicit-GEMM kernels through `gemm_conv`: Burn 0.22
+    /// without its `autotune` feature runs `conv2d` as a direct kernel, many times slower;
+    /// results/bench/cuda), and Burn's own `conv2d` on the CPU backends.
     pub fn conv_impl(self) -> Result<ConvImpl> {
         let choice = std::env::var("DMD_CONV").unwrap_or_default().trim().to_ascii_lowercase();
         match choice.as_str() {
             "native" => Ok(ConvImpl::Native),
             "im2col" => Ok(ConvImpl::Im2col),
-            "" if self == Self::Cuda => Ok(ConvImpl::Im2col),
+            "gemm" => Ok(ConvImpl::Gemm),
+            "" if self == Self::Cuda => Ok(ConvImpl::Gemm),
             "" => Ok(ConvImpl::Native),
-            other => anyhow::bail!("DMD_CONV={other:?}: expected `native` or `im2col`"),
+            other => anyhow::bail!("DMD_CONV={other:?}: expected `native`, `im2col` or `gemm`"),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod dhariwal;
+pub mod gemm_conv;
 pub mod gan_head;
 pub mod inception;
 pub mod lpips;

@@ -241,8 +241,8 @@ impl Conv2d {
     }
 }
 
-/// How the stride-1, ungrouped convolutions of the networks (EDM's 1x1 and 3x3, Stable
-/// Diffusion's, LPIPS's VGG, the GAN head's, the FID Inception's) are computed.
+/// How the ungrouped convolutions of the networks (EDM's 1x1 and 3x3, Stable Diffusion's,
+/// LPIPS's VGG, the GAN head's, the FID Inception's) are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConvImpl {
@@ -253,6 +253,10 @@ pub enum ConvImpl {
     /// 0.22 without its `autotune` feature runs `conv2d` as a direct kernel (and its weight
     /// gradient as a convolution over the batch), far slower than its matrix product.
     Im2col,
+    /// `gemm_conv::gemm_conv2d`, the CUDA default: Burn's implicit-GEMM kernels for the
+    /// forward pass and both gradients, any stride (no im2col copy); on the CPU backends the
+    /// same kernels as `Native`.
+    Gemm,
 }
 
 static CONV_IMPL: AtomicU8 = AtomicU8::new(0);
@@ -264,20 +268,30 @@ pub fn set_conv_impl(imp: ConvImpl) {
 }
 
 pub fn conv_impl() -> ConvImpl {
-    if CONV_IMPL.load(Ordering::Relaxed) == ConvImpl::Im2col as u8 { ConvImpl::Im2col } else { ConvImpl::Native }
+    match CONV_IMPL.load(Ordering::Relaxed) {
+        v if v == ConvImpl::Im2col as u8 => ConvImpl::Im2col,
+        v if v == ConvImpl::Gemm as u8 => ConvImpl::Gemm,
+        _ => ConvImpl::Native,
+    }
 }
 
 /// An ungrouped convolution with zero padding `[top and bottom, left and right]`, the one
-/// every network calls. At stride 1 it is computed as `conv_impl()` says, except that an
-/// unpadded 1x1 convolution (attention's qkv and projection, skip connections) is always the
-/// matrix product it is: on flex that is ~3x faster forward + backward than Burn's `conv2d`,
-/// whose weight gradient runs as a convolution with an image-sized kernel. Other strides (a
-/// few down-sampling layers) always use Burn's `conv2d`.
+/// every network calls, computed as `conv_impl()` says, except that an unpadded 1x1
+/// convolution (attention's qkv and projection, skip connections) is always the matrix
+/// product it is: on flex that is ~3x faster forward + backward than Burn's `conv2d`, whose
+/// weight gradient runs as a convolution with an image-sized kernel. Im2col is stride 1 only:
+/// other strides (a few down-sampling layers) then use Burn's `conv2d`.
 pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
     let [_, _, kh, kw] = weight.dims();
     let pointwise = kh == 1 && kw == 1 && padding == [0, 0];
     if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) {
         conv2d_im2col(x, weight, bias, padding)
+    } else if conv_impl() == ConvImpl::Gemm {
+        let y = crate::gemm_conv::gemm_conv2d(x, weight, stride, padding);
+        match bias {
+            Some(b) => y + b.reshape([1, -1, 1, 1]),
+            None => y,
+        }
     } else {
         conv2d(x, weight, bias, ConvOptions::new([stride, stride], padding, [1, 1], 1))
     }

@@ -1,0 +1,148 @@
+//! Burn's implicit-GEMM convolution kernels on CUDA, forward and both backward passes.
+//!
+//! Burn 0.22 without its `autotune` feature runs `conv2d` on CubeCL with `ConvStrategy::Direct`
+//! (one thread per output value, no tensor cores), and its backward with the same kind of
+//! fallback kernels. Its implicit-GEMM kernels (`ConvStrategy::ImplicitGemm`: a tiled matrix
+//! product that gathers the input windows on the fly, on tensor cores) are only reached through
+//! autotuning, whose first-use tuning took minutes here. This Burn backend extension calls them
+//! directly: `gemm_conv2d` is one differentiable operation whose backward calls the
+//! implicit-GEMM data- and weight-gradient kernels, so no im2col copy of the input is kept.
+//! On an H100 that made the ImageNet-64 ADM's training steps 2-2.7x faster than im2col and
+//! its 3x3 convolutions as fast as PyTorch's (results/bench/cuda/README.md). Under Burn's
+//! fusion feature the three are recorded as fusion operations (their `#[fusion]` shapes).
+//!
+//! On the CPU backends the three methods are Burn's own `conv2d` and its two backward ops, so
+//! the operation there equals `conv2d`; the tests use that to check the autodiff wiring.
+
+#![allow(deprecated)] // burn-ndarray: kept for the deterministic tests
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, NdArray};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Shape, Tensor};
+
+fn options(stride: usize, pad_h: usize, pad_w: usize) -> ConvOptions<2> {
+    ConvOptions::new([stride, stride], [pad_h, pad_w], [1, 1], 1)
+}
+
+/// The output shape of `gemm_conv2d` (for Burn's fusion, which records it before running).
+fn output_shape(x: &Shape, weight: &Shape, stride: &usize, pad_h: &usize, pad_w: &usize) -> Shape {
+    let out = |size: usize, pad: usize, k: usize| (size + 2 * pad - k) / stride + 1;
+    Shape::from([x[0], weight[0], out(x[2], *pad_h, weight[2]), out(x[3], *pad_w, weight[3])])
+}
+
+/// An ungrouped, bias-free 2-D convolution with zero padding `pad_h`, `pad_w`.
+#[backend_extension(Flex, NdArray, Cube: cfg(feature = "cuda"), Fusion: cfg(feature = "fusion"), Autodiff)]
+pub trait GemmConvBackend: Backend {
+    #[fusion(dtype = x, shape = output_shape(x, weight, stride, pad_h, pad_w))]
+    fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, None, options(stride, pad_h, pad_w))
+    }
+
+    /// The gradient for `x` given the output's gradient `grad`.
+    #[fusion(dtype = x, shape = x)]
+    fn gemm_conv2d_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        Self::conv2d_x_backward(x, weight, grad, options(stride, pad_h, pad_w))
+    }
+
+    /// The gradient for `weight` given the output's gradient `grad`.
+    #[fusion(dtype = weight, shape = weight)]
+    fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        Self::conv2d_weight_backward(x, weight, grad, options(stride, pad_h, pad_w))
+    }
+}
+
+impl GemmConvBackend for Flex {}
+impl GemmConvBackend for NdArray {}
+
+#[cfg(feature = "cuda")]
+mod cube {
+    use super::{options, GemmConvBackend};
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::TensorMetadata;
+    use burn_cubecl::kernel::conv::{conv_data_backward, conv_forward, conv_weight_backward, ConvStrategy};
+    use burn_cubecl::CubeBackend;
+    use std::sync::Once;
+
+    /// The implicit-GEMM kernels decline some shapes and dtypes (their setup returns an error):
+    /// those fall back to Burn's default kernel, with one note on stderr per process.
+    fn fallback(op: &str, shape: impl std::fmt::Debug, err: impl std::fmt::Debug) {
+        static NOTE: Once = Once::new();
+        NOTE.call_once(|| eprintln!("note: implicit-GEMM {op} declined input {shape:?} ({err:?}); using Burn's direct kernel for such shapes"));
+    }
+
+    impl GemmConvBackend for CubeBackend {
+        fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+            let o = options(stride, pad_h, pad_w);
+            conv_forward::<2>(x.clone(), weight.clone(), None, o.clone(), ConvStrategy::ImplicitGemm).unwrap_or_else(|e| {
+                fallback("convolution", x.shape(), e);
+                conv_forward::<2>(x, weight, None, o, ConvStrategy::Direct).expect("direct convolution")
+            })
+        }
+
+        fn gemm_conv2d_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+            let o = options(stride, pad_h, pad_w);
+            let shape = x.shape();
+            conv_data_backward::<2>(grad.clone(), weight.clone(), shape.clone(), o.clone(), ConvStrategy::ImplicitGemm).unwrap_or_else(|e| {
+                fallback("input gradient", &shape, e);
+                conv_data_backward::<2>(grad, weight, shape, o, ConvStrategy::Direct).expect("direct input gradient")
+            })
+        }
+
+        fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+            let o = options(stride, pad_h, pad_w);
+            let shape = weight.shape();
+            conv_weight_backward::<2>(x.clone(), grad.clone(), shape.clone(), o.clone(), ConvStrategy::ImplicitGemm).unwrap_or_else(|e| {
+                fallback("weight gradient", x.shape(), e);
+                conv_weight_backward::<2>(x, grad, shape, o, ConvStrategy::Direct).expect("direct weight gradient")
+            })
+        }
+    }
+}
+
+/// The backward pass: both gradients from the inner backend's kernels, from the saved input
+/// and weight (no im2col copy kept).
+#[derive(Debug)]
+struct GemmConvBackward;
+
+impl<B: Backend + GemmConvBackend> Backward<B, 2> for GemmConvBackward {
+    type State = (NodeId, NodeId, [usize; 3]);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state, [stride, ph, pw]) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::gemm_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), stride, ph, pw));
+        }
+        if let Some(node) = node_weight {
+            grads.register::<B>(node.id, B::gemm_conv2d_weight_backward(x, weight, grad, stride, ph, pw));
+        }
+    }
+}
+
+impl<B: Backend + GemmConvBackend, C: CheckpointStrategy> GemmConvBackend for Autodiff<B, C> {
+    fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        match GemmConvBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), [stride, pad_h, pad_w]);
+                let out = B::gemm_conv2d(x.into_parts().0, weight.into_parts().0, stride, pad_h, pad_w);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gemm_conv2d(x.into_parts().0, weight.into_parts().0, stride, pad_h, pad_w)),
+        }
+    }
+}
+
+/// `x` [N, C, H, W] convolved with `weight` [O, C, kh, kw] at `stride` with zero padding
+/// `[top and bottom, left and right]`, through `GemmConvBackend` (differentiable).
+pub fn gemm_conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as GemmConvBackend>::gemm_conv2d(x.into_dispatch(), weight.into_dispatch(), stride, padding[0], padding[1]))
+}
