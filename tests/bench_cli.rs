@@ -24,6 +24,10 @@ fn bench_writes_the_json_contract() {
     for key in ["denoise_fwd_ms", "teacher_step_ms", "dmd_step_ms"] {
         assert!(v[key].as_f64().is_some_and(|t| t > 0.0 && t.is_finite()), "{key}: {}", v[key]);
     }
+    // The teacher step's two timed parts.
+    for key in ["teacher_step_forward_backward_ms", "teacher_step_update_ms"] {
+        assert!(v[key].as_f64().is_some_and(|t| t > 0.0 && t.is_finite()), "{key}: {}", v[key]);
+    }
     assert_eq!(v["batch"], 2);
     assert_eq!(v["dmd_step_replicas"], 2);
     assert_eq!(v["backend"], "cpu");
@@ -62,4 +66,32 @@ fn bench_checks_the_reference_and_times_building_blocks() {
         }
     }
     assert!(v["parameters"].as_u64().is_some_and(|p| p > 0));
+}
+
+/// `--ops --bf16` runs the building blocks in bf16 and reports their errors against float32:
+/// each must be that of bf16 rounding (unit roundoff 2^-9 ~ 2e-3 per value), neither ~1e-7
+/// (the block silently ran in float32) nor of order one (a wrong kernel).
+#[test]
+fn bench_reports_building_block_errors_in_bf16() {
+    let tmp = scratch("bench_cli_bf16_ops");
+    let out = tmp.join("bench.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd"))
+        .args(["bench", "--batch", "2", "--device", "cpu", "--no-train", "--warmup", "0", "--iters", "1", "--sampling", "1", "--ops", "--bf16"])
+        .args(["--json", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let ops = v["backends"]["cpu"]["ops"].as_object().expect("ops");
+    assert_eq!(ops.len(), 7, "{ops:?}");
+    for (name, t) in ops {
+        let e = &t["bf16_rel_l2_vs_f32"];
+        let convolution = name.starts_with("conv");
+        for (key, present) in [("output", true), ("input_grad", true), ("weight_grad", convolution)] {
+            match e[key].as_f64() {
+                Some(err) => assert!(present && (3e-4..2e-2).contains(&err), "{name} {key}: bf16 error {err:.2e}"),
+                None => assert!(!present, "{name}: no bf16 {key} error: {e}"),
+            }
+        }
+    }
 }

@@ -64,6 +64,8 @@ pub struct BenchArgs {
     pub bf16: bool,
     /// Also time the network's building blocks alone (3x3 convolutions, group norm, SiLU,
     /// attention, 2x resampling) at the shapes they meet in it: forward, and forward + backward.
+    /// With `--bf16` they run in bf16 and each also reports its bf16 output's, input gradient's
+    /// and weight gradient's relative L2 error against float32 on the same device.
     #[arg(long)]
     pub ops: bool,
     /// Before timing, check each backend against the official EDM outputs in this folder
@@ -189,13 +191,33 @@ fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Resu
 /// A network building block on one device: input -> output, its parameters made once.
 type Block = Box<dyn Fn(Tensor<4>) -> Tensor<4>>;
 
+/// One building block's median times (s) and, when timed in bf16, the relative L2 errors of
+/// its bf16 output, input gradient and weight gradient (if it has a weight) against float32
+/// on the same device.
+struct OpRow {
+    name: String,
+    forward_s: f64,
+    forward_backward_s: f64,
+    bf16_errors: Option<[Option<f64>; 3]>,
+}
+
+/// Relative L2 distance of `a` from `b` (host copies, float64 sums).
+fn rel_l2_host(a: &HostTensor, b: &HostTensor) -> f64 {
+    let num: f64 = a.data.iter().zip(&b.data).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.data.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
 /// Median times (s) of forward and of forward + backward (gradients for the input and the
 /// block's parameters, the upstream gradient a fixed random tensor) of the building blocks of
 /// an ADM/DDPM++ network at the shapes `cfg` gives them: model_channels at full resolution,
-/// twice that at half resolution (where adm_tiny has its attention).
-fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize) -> Vec<(String, f64, f64)> {
+/// twice that at half resolution (where adm_tiny has its attention). With `bf16`, inputs and
+/// weights are bf16 (as in a bf16 network body) and each row also gets its errors against
+/// float32 (a wrong or low-precision kernel shows there).
+fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize, bf16: bool) -> Vec<OpRow> {
     use burn::tensor::module::avg_pool2d;
     use burn::tensor::ops::AvgPoolOptions;
+    use burn::tensor::FloatDType;
     use dmd_models::nn::{attention, conv2d_dense, silu, GroupNorm, Init};
     let (c, r) = (cfg.model_channels(), cfg.img_resolution);
     let (c2, r2) = (2 * c, (r / 2).max(1));
@@ -206,16 +228,16 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
         let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() - 0.5).collect();
         Tensor::<4>::from_data(TensorData::new(v, shape), dev)
     };
-    let weight = move |shape: [usize; 4], dev: &Device, track: bool| {
-        let w = random(shape.to_vec(), 7, dev);
-        if track { w.require_grad() } else { w }
-    };
-    // (device, whether gradients are wanted) -> the block with its parameters.
-    type Make = Box<dyn Fn(&Device, bool) -> Block>;
+    let dtype_of = |half: bool| if half { FloatDType::BF16 } else { FloatDType::F32 };
+    // (device, track gradients, bf16) -> the block and its weight (if any; its gradient is
+    // measured too).
+    type Make = Box<dyn Fn(&Device, bool, bool) -> (Block, Option<Tensor<4>>)>;
     let conv = move |ci: usize, co: usize, k: usize| -> Make {
-        Box::new(move |dev: &Device, track: bool| {
-            let w = weight([co, ci, k, k], dev, track);
-            Box::new(move |x| conv2d_dense(x, w.clone(), None, 1, [k / 2, k / 2]))
+        Box::new(move |dev: &Device, track: bool, half: bool| {
+            let w = random(vec![co, ci, k, k], 7, dev).cast(dtype_of(half));
+            let w = if track { w.require_grad() } else { w };
+            let wb = w.clone();
+            (Box::new(move |x| conv2d_dense(x, wb.clone(), None, 1, [k / 2, k / 2])), Some(w))
         })
     };
     let cases: Vec<(String, [usize; 4], Make)> = vec![
@@ -225,40 +247,57 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
         (
             format!("group_norm {c} ch at {r}x{r}"),
             [batch, c, r, r],
-            Box::new(move |dev: &Device, _| {
+            Box::new(move |dev: &Device, _, _| {
                 let gn = GroupNorm::new(&mut Init::new(dev, 0), c, 1e-5);
-                Box::new(move |x| gn.forward(x))
+                (Box::new(move |x| gn.forward(x)), None)
             }),
         ),
-        (format!("silu {c} ch at {r}x{r}"), [batch, c, r, r], Box::new(|_: &Device, _| Box::new(silu))),
+        (format!("silu {c} ch at {r}x{r}"), [batch, c, r, r], Box::new(|_: &Device, _, _| (Box::new(silu) as Block, None))),
         (
             format!("attention {heads} head(s), {c2} ch at {r2}x{r2}"),
             [batch, 3 * c2, r2, r2],
-            Box::new(move |_: &Device, _| Box::new(move |qkv: Tensor<4>| attention(qkv, heads))),
+            Box::new(move |_: &Device, _, _| (Box::new(move |qkv: Tensor<4>| attention(qkv, heads)) as Block, None)),
         ),
         (
             format!("downsample 2x2 average, {c} ch at {r}x{r}"),
             [batch, c, r, r],
-            Box::new(|_: &Device, _| Box::new(|x| avg_pool2d(x, AvgPoolOptions::new([2, 2])))),
+            Box::new(|_: &Device, _, _| (Box::new(|x| avg_pool2d(x, AvgPoolOptions::new([2, 2]))) as Block, None)),
         ),
     ];
     let ad = device.clone().autodiff();
+    // Output, input gradient and weight gradient (float32 copies on the host) of one
+    // forward + backward with the given upstream gradient.
+    let results = |make: &Make, shape: [usize; 4], upstream: &Tensor<4>, half: bool| {
+        let (block, w) = make(&ad, true, half);
+        let x = random(shape.to_vec(), 1, &ad).cast(dtype_of(half)).require_grad();
+        let y = block(x.clone());
+        let grads = (y.clone() * upstream.clone().cast(dtype_of(half))).sum().backward();
+        let host = |t: Tensor<4>| HostTensor::from_tensor(t.cast(FloatDType::F32));
+        let gw = w.and_then(|w| w.grad(&grads)).map(host);
+        (host(y.inner()), x.grad(&grads).map(host), gw)
+    };
     let mut rows = Vec::new();
     for (name, shape, make) in cases {
-        let plain = make(device, false);
-        let x = random(shape.to_vec(), 1, device);
+        let (plain, _) = make(device, false, bf16);
+        let x = random(shape.to_vec(), 1, device).cast(dtype_of(bf16));
         let fwd = timed_median(warmup, iters, || {
             let _ = plain(x.clone()).into_data();
         });
-        let tracked = make(&ad, true);
-        let x_ad = random(shape.to_vec(), 1, &ad).require_grad();
-        let upstream = tracked(x_ad.clone()).detach();
-        let upstream = random(upstream.dims().to_vec(), 2, &ad);
+        let (tracked, _) = make(&ad, true, bf16);
+        let x_ad = random(shape.to_vec(), 1, &ad).cast(dtype_of(bf16)).require_grad();
+        let out_shape = tracked(x_ad.clone()).detach().dims().to_vec();
+        let upstream = random(out_shape, 2, &ad);
+        let upstream_t = upstream.clone().cast(dtype_of(bf16));
         let fwd_bwd = timed_median(warmup, iters, || {
-            let grads = (tracked(x_ad.clone()) * upstream.clone()).sum().backward();
+            let grads = (tracked(x_ad.clone()) * upstream_t.clone()).sum().backward();
             let _ = x_ad.grad(&grads).map(|g| g.into_data());
         });
-        rows.push((name, fwd, fwd_bwd));
+        let bf16_errors = bf16.then(|| {
+            let (want, got) = (results(&make, shape, &upstream, false), results(&make, shape, &upstream, true));
+            let err = |a: Option<&HostTensor>, b: Option<&HostTensor>| a.zip(b).map(|(a, b)| rel_l2_host(a, b));
+            [Some(rel_l2_host(&got.0, &want.0)), err(got.1.as_ref(), want.1.as_ref()), err(got.2.as_ref(), want.2.as_ref())]
+        });
+        rows.push(OpRow { name, forward_s: fwd, forward_backward_s: fwd_bwd, bf16_errors });
     }
     rows
 }
@@ -273,11 +312,6 @@ fn static_gib(params: usize) -> f64 {
 /// the 18-step Heun sampler of each reference network.
 fn check_reference(dir: &std::path::Path, device: &Device) -> Result<Vec<(String, f64)>> {
     use dmd_models::{sample, NamedTensors, NetDenoiser, SamplerConfig};
-    let rel_l2 = |a: &HostTensor, b: &HostTensor| {
-        let num: f64 = a.data.iter().zip(&b.data).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = b.data.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den).sqrt()
-    };
     let mut out = Vec::new();
     for name in ["adm_tiny", "ddpmpp_tiny"] {
         let cases_path = dir.join(format!("{name}_cases.safetensors"));
@@ -288,10 +322,10 @@ fn check_reference(dir: &std::path::Path, device: &Device) -> Result<Vec<(String
         let sigma = get("denoise_sigma")?.to_tensor::<1>(device);
         let labels = get("denoise_labels")?.to_tensor::<2>(device);
         let denoised = HostTensor::from_tensor(net.forward(x, sigma, Some(labels)));
-        out.push((format!("{name}.denoise_out"), rel_l2(&denoised, get("denoise_out")?)));
+        out.push((format!("{name}.denoise_out"), rel_l2_host(&denoised, get("denoise_out")?)));
         let denoiser = NetDenoiser { net: &net, device: device.clone() };
         let samples = sample(&denoiser, get("sample_latents")?, Some(get("sample_labels")?), &SamplerConfig::default(), &mut [], |_| {});
-        out.push((format!("{name}.sample_out"), rel_l2(&samples, get("sample_out")?)));
+        out.push((format!("{name}.sample_out"), rel_l2_host(&samples, get("sample_out")?)));
     }
     Ok(out)
 }
@@ -449,13 +483,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("{:<8} generation of a batch: {}", backend.to_string(), line.join(", "));
         }
         let ops = if args.ops {
-            let rows = op_breakdown(&cfg, args.batch, &device, args.warmup, args.iters);
-            println!("{:<8} {:<40} {:>14} {:>22}", backend.to_string(), "building block", "forward (ms)", "forward+backward (ms)");
-            for (name, f, fb) in &rows {
-                println!("{:<8} {name:<40} {:>14.2} {:>22.2}", "", f * 1000.0, fb * 1000.0);
+            let rows = op_breakdown(&cfg, args.batch, &device, args.warmup, args.iters, args.bf16);
+            let errors_header = if args.bf16 { "  bf16 vs float32, rel. L2: output / input grad / weight grad" } else { "" };
+            println!("{:<8} {:<40} {:>14} {:>22}{errors_header}", backend.to_string(), "building block", "forward (ms)", "forward+backward (ms)");
+            let fmt = |e: &Option<f64>| e.map_or("-".to_string(), |e| format!("{e:.1e}"));
+            for row in &rows {
+                let errors = row.bf16_errors.as_ref().map_or(String::new(), |e| format!("  {} / {} / {}", fmt(&e[0]), fmt(&e[1]), fmt(&e[2])));
+                println!("{:<8} {:<40} {:>14.2} {:>22.2}{errors}", "", row.name, row.forward_s * 1000.0, row.forward_backward_s * 1000.0);
             }
-            let map: serde_json::Map<String, serde_json::Value> =
-                rows.into_iter().map(|(n, f, fb)| (n, serde_json::json!({ "forward_ms": f * 1000.0, "forward_backward_ms": fb * 1000.0 }))).collect();
+            let map: serde_json::Map<String, serde_json::Value> = rows
+                .into_iter()
+                .map(|row| {
+                    let mut v = serde_json::json!({ "forward_ms": row.forward_s * 1000.0, "forward_backward_ms": row.forward_backward_s * 1000.0 });
+                    if let Some([out, gx, gw]) = row.bf16_errors {
+                        v["bf16_rel_l2_vs_f32"] = serde_json::json!({ "output": out, "input_grad": gx, "weight_grad": gw });
+                    }
+                    (row.name, v)
+                })
+                .collect();
             Some(serde_json::Value::Object(map))
         } else {
             None

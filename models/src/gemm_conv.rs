@@ -31,6 +31,7 @@ fn options(stride: usize, pad_h: usize, pad_w: usize) -> ConvOptions<2> {
 }
 
 /// The output shape of `gemm_conv2d` (for Burn's fusion, which records it before running).
+#[cfg_attr(not(feature = "fusion"), allow(dead_code))]
 fn output_shape(x: &Shape, weight: &Shape, stride: &usize, pad_h: &usize, pad_w: &usize) -> Shape {
     let out = |size: usize, pad: usize, k: usize| (size + 2 * pad - k) / stride + 1;
     Shape::from([x[0], weight[0], out(x[2], *pad_h, weight[2]), out(x[3], *pad_w, weight[3])])
