@@ -59,7 +59,7 @@ fn bench_checks_the_reference_and_times_building_blocks() {
         assert!(e < 1e-5, "{case}: relative L2 error {e}");
     }
     let ops = v["backends"]["cpu"]["ops"].as_object().expect("ops");
-    assert_eq!(ops.len(), 7, "{ops:?}");
+    assert_eq!(ops.len(), 10, "{ops:?}");
     for (name, t) in ops {
         for key in ["forward_ms", "forward_backward_ms"] {
             assert!(t[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()), "{name} {key}: {t}");
@@ -68,9 +68,10 @@ fn bench_checks_the_reference_and_times_building_blocks() {
     assert!(v["parameters"].as_u64().is_some_and(|p| p > 0));
 }
 
-/// `--ops --bf16` runs the building blocks in bf16 and reports their errors against float32:
-/// each must be that of bf16 rounding (unit roundoff 2^-9 ~ 2e-3 per value), neither ~1e-7
-/// (the block silently ran in float32) nor of order one (a wrong kernel).
+/// `--ops --bf16` runs the building blocks in float32 and in bf16 and reports their errors
+/// against float32 on the CPU. Here the device is the CPU: float32 is the same computation
+/// (error 0), and each bf16 error must be that of bf16 rounding (unit roundoff 2^-9 ~ 2e-3 per
+/// value), neither ~1e-7 (the block silently ran in float32) nor of order one (a wrong kernel).
 #[test]
 fn bench_reports_building_block_errors_in_bf16() {
     let tmp = scratch("bench_cli_bf16_ops");
@@ -83,14 +84,16 @@ fn bench_reports_building_block_errors_in_bf16() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let ops = v["backends"]["cpu"]["ops"].as_object().expect("ops");
-    assert_eq!(ops.len(), 7, "{ops:?}");
+    assert_eq!(ops.len(), 10, "{ops:?}");
     for (name, t) in ops {
-        let e = &t["bf16_rel_l2_vs_f32"];
         let convolution = name.starts_with("conv");
-        for (key, present) in [("output", true), ("input_grad", true), ("weight_grad", convolution)] {
-            match e[key].as_f64() {
-                Some(err) => assert!(present && (3e-4..2e-2).contains(&err), "{name} {key}: bf16 error {err:.2e}"),
-                None => assert!(!present, "{name}: no bf16 {key} error: {e}"),
+        for (precision, band) in [("f32", 0.0..1e-12), ("bf16", 3e-4..2e-2)] {
+            let e = &t["rel_l2_vs_cpu_f32"][precision];
+            for (key, present) in [("output", true), ("input_grad", true), ("weight_grad", convolution)] {
+                match e[key].as_f64() {
+                    Some(err) => assert!(present && (band.contains(&err) || (band.start == 0.0 && err == 0.0)), "{name} {precision} {key}: error {err:.2e}"),
+                    None => assert!(!present, "{name}: no {precision} {key} error: {e}"),
+                }
             }
         }
     }

@@ -64,8 +64,9 @@ pub struct BenchArgs {
     pub bf16: bool,
     /// Also time the network's building blocks alone (3x3 convolutions, group norm, SiLU,
     /// attention, 2x resampling) at the shapes they meet in it: forward, and forward + backward.
-    /// With `--bf16` they run in bf16 and each also reports its bf16 output's, input gradient's
-    /// and weight gradient's relative L2 error against float32 on the same device.
+    /// With `--bf16` they run in bf16, and each also reports the relative L2 errors of its
+    /// output, input gradient and weight gradient, computed on the device in float32 and in
+    /// bf16, against float32 on the CPU.
     #[arg(long)]
     pub ops: bool,
     /// Before timing, check each backend against the official EDM outputs in this folder
@@ -192,13 +193,20 @@ fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Resu
 type Block = Box<dyn Fn(Tensor<4>) -> Tensor<4>>;
 
 /// One building block's median times (s) and, when timed in bf16, the relative L2 errors of
-/// its bf16 output, input gradient and weight gradient (if it has a weight) against float32
-/// on the same device.
+/// its output, input gradient and weight gradient (if it has a weight) against float32 on the
+/// CPU (flex: exact float32, where a GPU's float32 products may use TF32), computed on this
+/// device in float32 and in bf16.
 struct OpRow {
     name: String,
     forward_s: f64,
     forward_backward_s: f64,
-    bf16_errors: Option<[Option<f64>; 3]>,
+    errors: Option<OpErrors>,
+}
+
+/// [output, input gradient, weight gradient] relative L2 errors against the CPU's float32.
+struct OpErrors {
+    f32: [Option<f64>; 3],
+    bf16: [Option<f64>; 3],
 }
 
 /// Relative L2 distance of `a` from `b` (host copies, float64 sums).
@@ -211,9 +219,11 @@ fn rel_l2_host(a: &HostTensor, b: &HostTensor) -> f64 {
 /// Median times (s) of forward and of forward + backward (gradients for the input and the
 /// block's parameters, the upstream gradient a fixed random tensor) of the building blocks of
 /// an ADM/DDPM++ network at the shapes `cfg` gives them: model_channels at full resolution,
-/// twice that at half resolution (where adm_tiny has its attention). With `bf16`, inputs and
-/// weights are bf16 (as in a bf16 network body) and each row also gets its errors against
-/// float32 (a wrong or low-precision kernel shows there).
+/// twice that at half resolution (where adm_tiny has its attention), plus the convolutions
+/// with few channels (the network's first and last, image channels in or out) and a strided
+/// 4x4 one (DMD2's GAN head). With `bf16`, inputs and weights are bf16 (as in a bf16 network
+/// body) and each row also gets its errors in float32 and in bf16 against the CPU's float32
+/// (a wrong or low-precision kernel shows there).
 fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize, bf16: bool) -> Vec<OpRow> {
     use burn::tensor::module::avg_pool2d;
     use burn::tensor::ops::AvgPoolOptions;
@@ -232,18 +242,24 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
     // (device, track gradients, bf16) -> the block and its weight (if any; its gradient is
     // measured too).
     type Make = Box<dyn Fn(&Device, bool, bool) -> (Block, Option<Tensor<4>>)>;
-    let conv = move |ci: usize, co: usize, k: usize| -> Make {
+    // A convolution of `ci` -> `co` channels, k x k, padding k / 2 (1 for the 4x4).
+    let conv = move |ci: usize, co: usize, k: usize, stride: usize| -> Make {
         Box::new(move |dev: &Device, track: bool, half: bool| {
             let w = random(vec![co, ci, k, k], 7, dev).cast(dtype_of(half));
             let w = if track { w.require_grad() } else { w };
             let wb = w.clone();
-            (Box::new(move |x| conv2d_dense(x, wb.clone(), None, 1, [k / 2, k / 2])), Some(w))
+            let pad = if k == 4 { 1 } else { k / 2 };
+            (Box::new(move |x| conv2d_dense(x, wb.clone(), None, stride, [pad, pad])), Some(w))
         })
     };
+    let img = cfg.img_channels;
     let cases: Vec<(String, [usize; 4], Make)> = vec![
-        (format!("conv3x3 {c}->{c} at {r}x{r}"), [batch, c, r, r], conv(c, c, 3)),
-        (format!("conv3x3 {c2}->{c2} at {r2}x{r2}"), [batch, c2, r2, r2], conv(c2, c2, 3)),
-        (format!("conv1x1 {c2}->{} at {r2}x{r2} (qkv)", 3 * c2), [batch, c2, r2, r2], conv(c2, 3 * c2, 1)),
+        (format!("conv3x3 {c}->{c} at {r}x{r}"), [batch, c, r, r], conv(c, c, 3, 1)),
+        (format!("conv3x3 {c2}->{c2} at {r2}x{r2}"), [batch, c2, r2, r2], conv(c2, c2, 3, 1)),
+        (format!("conv1x1 {c2}->{} at {r2}x{r2} (qkv)", 3 * c2), [batch, c2, r2, r2], conv(c2, 3 * c2, 1, 1)),
+        (format!("conv3x3 {img}->{c} at {r}x{r} (input)"), [batch, img, r, r], conv(img, c, 3, 1)),
+        (format!("conv3x3 {c}->{img} at {r}x{r} (output)"), [batch, c, r, r], conv(c, img, 3, 1)),
+        (format!("conv4x4 stride 2 {c2}->{c2} at {r2}x{r2}"), [batch, c2, r2, r2], conv(c2, c2, 4, 2)),
         (
             format!("group_norm {c} ch at {r}x{r}"),
             [batch, c, r, r],
@@ -266,16 +282,18 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
     ];
     let ad = device.clone().autodiff();
     // Output, input gradient and weight gradient (float32 copies on the host) of one
-    // forward + backward with the given upstream gradient.
-    let results = |make: &Make, shape: [usize; 4], upstream: &Tensor<4>, half: bool| {
-        let (block, w) = make(&ad, true, half);
-        let x = random(shape.to_vec(), 1, &ad).cast(dtype_of(half)).require_grad();
+    // forward + backward on `dev` (autodiff), every input drawn from the same seeds on each device.
+    let results = |make: &Make, shape: [usize; 4], out_shape: &[usize], dev: &Device, half: bool| {
+        let (block, w) = make(dev, true, half);
+        let x = random(shape.to_vec(), 1, dev).cast(dtype_of(half)).require_grad();
         let y = block(x.clone());
-        let grads = (y.clone() * upstream.clone().cast(dtype_of(half))).sum().backward();
+        let upstream = random(out_shape.to_vec(), 2, dev).cast(dtype_of(half));
+        let grads = (y.clone() * upstream).sum().backward();
         let host = |t: Tensor<4>| HostTensor::from_tensor(t.cast(FloatDType::F32));
         let gw = w.and_then(|w| w.grad(&grads)).map(host);
-        (host(y.inner()), x.grad(&grads).map(host), gw)
+        [Some(host(y.inner())), x.grad(&grads).map(host), gw]
     };
+    let cpu = Device::flex().autodiff();
     let mut rows = Vec::new();
     for (name, shape, make) in cases {
         let (plain, _) = make(device, false, bf16);
@@ -292,12 +310,15 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
             let grads = (tracked(x_ad.clone()) * upstream_t.clone()).sum().backward();
             let _ = x_ad.grad(&grads).map(|g| g.into_data());
         });
-        let bf16_errors = bf16.then(|| {
-            let (want, got) = (results(&make, shape, &upstream, false), results(&make, shape, &upstream, true));
-            let err = |a: Option<&HostTensor>, b: Option<&HostTensor>| a.zip(b).map(|(a, b)| rel_l2_host(a, b));
-            [Some(rel_l2_host(&got.0, &want.0)), err(got.1.as_ref(), want.1.as_ref()), err(got.2.as_ref(), want.2.as_ref())]
+        let errors = bf16.then(|| {
+            let out_shape = upstream.dims();
+            let want = results(&make, shape, &out_shape, &cpu, false);
+            let against = |got: [Option<HostTensor>; 3]| -> [Option<f64>; 3] {
+                std::array::from_fn(|i| got[i].as_ref().zip(want[i].as_ref()).map(|(g, w)| rel_l2_host(g, w)))
+            };
+            OpErrors { f32: against(results(&make, shape, &out_shape, &ad, false)), bf16: against(results(&make, shape, &out_shape, &ad, true)) }
         });
-        rows.push(OpRow { name, forward_s: fwd, forward_backward_s: fwd_bwd, bf16_errors });
+        rows.push(OpRow { name, forward_s: fwd, forward_backward_s: fwd_bwd, errors });
     }
     rows
 }
@@ -484,19 +505,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         let ops = if args.ops {
             let rows = op_breakdown(&cfg, args.batch, &device, args.warmup, args.iters, args.bf16);
-            let errors_header = if args.bf16 { "  bf16 vs float32, rel. L2: output / input grad / weight grad" } else { "" };
+            let errors_header = if args.bf16 { "  rel. L2 vs the CPU's float32 (output / input grad / weight grad): float32 | bf16" } else { "" };
             println!("{:<8} {:<40} {:>14} {:>22}{errors_header}", backend.to_string(), "building block", "forward (ms)", "forward+backward (ms)");
-            let fmt = |e: &Option<f64>| e.map_or("-".to_string(), |e| format!("{e:.1e}"));
+            let fmt = |e: &[Option<f64>; 3]| e.map(|e| e.map_or("-".to_string(), |e| format!("{e:.1e}"))).join(" / ");
             for row in &rows {
-                let errors = row.bf16_errors.as_ref().map_or(String::new(), |e| format!("  {} / {} / {}", fmt(&e[0]), fmt(&e[1]), fmt(&e[2])));
+                let errors = row.errors.as_ref().map_or(String::new(), |e| format!("  {} | {}", fmt(&e.f32), fmt(&e.bf16)));
                 println!("{:<8} {:<40} {:>14.2} {:>22.2}{errors}", "", row.name, row.forward_s * 1000.0, row.forward_backward_s * 1000.0);
             }
+            let json = |e: &[Option<f64>; 3]| serde_json::json!({ "output": e[0], "input_grad": e[1], "weight_grad": e[2] });
             let map: serde_json::Map<String, serde_json::Value> = rows
                 .into_iter()
                 .map(|row| {
                     let mut v = serde_json::json!({ "forward_ms": row.forward_s * 1000.0, "forward_backward_ms": row.forward_backward_s * 1000.0 });
-                    if let Some([out, gx, gw]) = row.bf16_errors {
-                        v["bf16_rel_l2_vs_f32"] = serde_json::json!({ "output": out, "input_grad": gx, "weight_grad": gw });
+                    if let Some(e) = &row.errors {
+                        v["rel_l2_vs_cpu_f32"] = serde_json::json!({ "f32": json(&e.f32), "bf16": json(&e.bf16) });
                     }
                     (row.name, v)
                 })

@@ -6,7 +6,9 @@
 //! product that gathers the input windows on the fly, on tensor cores) are only reached through
 //! autotuning, whose first-use tuning took minutes here. This Burn backend extension calls them
 //! directly: `gemm_conv2d` is one differentiable operation whose backward calls the
-//! implicit-GEMM data- and weight-gradient kernels, so no im2col copy of the input is kept.
+//! implicit-GEMM data- and weight-gradient kernels, so no im2col copy of the input is kept
+//! (at stride > 1 Burn itself computes the data gradient with its direct transposed
+//! convolution instead, without an error, so without our note).
 //! On an H100 that made the ImageNet-64 ADM's training steps 2-2.7x faster than im2col and
 //! its 3x3 convolutions as fast as PyTorch's (results/bench/cuda/README.md). Under Burn's
 //! fusion feature the three are recorded as fusion operations (their `#[fusion]` shapes).
@@ -68,13 +70,18 @@ mod cube {
     use burn::backend::TensorMetadata;
     use burn_cubecl::kernel::conv::{conv_data_backward, conv_forward, conv_weight_backward, ConvStrategy};
     use burn_cubecl::CubeBackend;
-    use std::sync::Once;
+    use std::sync::Mutex;
 
     /// The implicit-GEMM kernels decline some shapes and dtypes (their setup returns an error):
-    /// those fall back to Burn's default kernel, with one note on stderr per process.
+    /// those fall back to Burn's direct kernel, with one note on stderr per operation and shape.
     fn fallback(op: &str, shape: impl std::fmt::Debug, err: impl std::fmt::Debug) {
-        static NOTE: Once = Once::new();
-        NOTE.call_once(|| eprintln!("note: implicit-GEMM {op} declined input {shape:?} ({err:?}); using Burn's direct kernel for such shapes"));
+        static NOTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let key = format!("{op} {shape:?}");
+        let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+        if !noted.contains(&key) {
+            eprintln!("note: implicit-GEMM {op} declined input {shape:?} ({err:?}); using Burn's direct kernel for it");
+            noted.push(key);
+        }
     }
 
     impl GemmConvBackend for CubeBackend {

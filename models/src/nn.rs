@@ -254,8 +254,9 @@ pub enum ConvImpl {
     /// gradient as a convolution over the batch), far slower than its matrix product.
     Im2col,
     /// `gemm_conv::gemm_conv2d`, the CUDA default: Burn's implicit-GEMM kernels for the
-    /// forward pass and both gradients, any stride (no im2col copy); on the CPU backends the
-    /// same kernels as `Native`.
+    /// forward pass and both gradients (no im2col copy; at stride > 1 Burn computes the input
+    /// gradient with its direct transposed convolution); on the CPU backends the same kernels
+    /// as `Native`.
     Gemm,
 }
 
