@@ -303,15 +303,13 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
         });
         let (tracked, _) = make(&ad, true, bf16);
         let x_ad = random(shape.to_vec(), 1, &ad).cast(dtype_of(bf16)).require_grad();
-        let out_shape = tracked(x_ad.clone()).detach().dims().to_vec();
-        let upstream = random(out_shape, 2, &ad);
-        let upstream_t = upstream.clone().cast(dtype_of(bf16));
+        let out_shape = tracked(x_ad.clone()).detach().dims();
+        let upstream = random(out_shape.to_vec(), 2, &ad).cast(dtype_of(bf16));
         let fwd_bwd = timed_median(warmup, iters, || {
-            let grads = (tracked(x_ad.clone()) * upstream_t.clone()).sum().backward();
+            let grads = (tracked(x_ad.clone()) * upstream.clone()).sum().backward();
             let _ = x_ad.grad(&grads).map(|g| g.into_data());
         });
         let errors = bf16.then(|| {
-            let out_shape = upstream.dims();
             let want = results(&make, shape, &out_shape, &cpu, false);
             let against = |got: [Option<HostTensor>; 3]| -> [Option<f64>; 3] {
                 std::array::from_fn(|i| got[i].as_ref().zip(want[i].as_ref()).map(|(g, w)| rel_l2_host(g, w)))

@@ -70,45 +70,39 @@ mod cube {
     use burn::backend::TensorMetadata;
     use burn_cubecl::kernel::conv::{conv_data_backward, conv_forward, conv_weight_backward, ConvStrategy};
     use burn_cubecl::CubeBackend;
+    use std::fmt::Debug;
     use std::sync::Mutex;
 
-    /// The implicit-GEMM kernels decline some shapes and dtypes (their setup returns an error):
-    /// those fall back to Burn's direct kernel, with one note on stderr per operation and shape.
-    fn fallback(op: &str, shape: impl std::fmt::Debug, err: impl std::fmt::Debug) {
-        static NOTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-        let key = format!("{op} {shape:?}");
-        let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
-        if !noted.contains(&key) {
-            eprintln!("note: implicit-GEMM {op} declined input {shape:?} ({err:?}); using Burn's direct kernel for it");
-            noted.push(key);
-        }
+    /// `run` with the implicit-GEMM kernel; where its setup declines the shape or dtype (an
+    /// error), with Burn's direct kernel instead, noting that on stderr once per operation and
+    /// input shape.
+    fn implicit_gemm_or_direct<T, E: Debug>(op: &str, input: impl Debug, run: impl Fn(ConvStrategy) -> Result<T, E>) -> T {
+        run(ConvStrategy::ImplicitGemm).unwrap_or_else(|err| {
+            static NOTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+            let key = format!("{op} {input:?}");
+            let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+            if !noted.contains(&key) {
+                eprintln!("note: implicit-GEMM {op} declined input {input:?} ({err:?}); using Burn's direct kernel for it");
+                noted.push(key);
+            }
+            run(ConvStrategy::Direct).unwrap_or_else(|e| panic!("direct {op} of input {input:?}: {e:?}"))
+        })
     }
 
     impl GemmConvBackend for CubeBackend {
         fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            conv_forward::<2>(x.clone(), weight.clone(), None, o.clone(), ConvStrategy::ImplicitGemm).unwrap_or_else(|e| {
-                fallback("convolution", x.shape(), e);
-                conv_forward::<2>(x, weight, None, o, ConvStrategy::Direct).expect("direct convolution")
-            })
+            implicit_gemm_or_direct("convolution", x.shape(), |s| conv_forward::<2>(x.clone(), weight.clone(), None, o.clone(), s))
         }
 
         fn gemm_conv2d_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            let shape = x.shape();
-            conv_data_backward::<2>(grad.clone(), weight.clone(), shape.clone(), o.clone(), ConvStrategy::ImplicitGemm).unwrap_or_else(|e| {
-                fallback("input gradient", &shape, e);
-                conv_data_backward::<2>(grad, weight, shape, o, ConvStrategy::Direct).expect("direct input gradient")
-            })
+            implicit_gemm_or_direct("input gradient", x.shape(), |s| conv_data_backward::<2>(grad.clone(), weight.clone(), x.shape(), o.clone(), s))
         }
 
         fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            let shape = weight.shape();
-            conv_weight_backward::<2>(x.clone(), grad.clone(), shape.clone(), o.clone(), ConvStrategy::ImplicitGemm).unwrap_or_else(|e| {
-                fallback("weight gradient", x.shape(), e);
-                conv_weight_backward::<2>(x, grad, shape, o, ConvStrategy::Direct).expect("direct weight gradient")
-            })
+            implicit_gemm_or_direct("weight gradient", x.shape(), |s| conv_weight_backward::<2>(x.clone(), grad.clone(), weight.shape(), o.clone(), s))
         }
     }
 }

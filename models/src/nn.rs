@@ -288,11 +288,7 @@ pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, st
     if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) {
         conv2d_im2col(x, weight, bias, padding)
     } else if conv_impl() == ConvImpl::Gemm {
-        let y = crate::gemm_conv::gemm_conv2d(x, weight, stride, padding);
-        match bias {
-            Some(b) => y + b.reshape([1, -1, 1, 1]),
-            None => y,
-        }
+        add_channel_bias(crate::gemm_conv::gemm_conv2d(x, weight, stride, padding), bias)
     } else {
         conv2d(x, weight, bias, ConvOptions::new([stride, stride], padding, [1, 1], 1))
     }
@@ -319,9 +315,13 @@ pub fn conv2d_im2col(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, p
             .collect();
         Tensor::stack::<5>(taps, 2).reshape([n, c * kh * kw, ho * wo])
     };
-    let y = weight.reshape([1, o, c * kh * kw]).matmul(cols).reshape([n, o, ho, wo]);
+    add_channel_bias(weight.reshape([1, o, c * kh * kw]).matmul(cols).reshape([n, o, ho, wo]), bias)
+}
+
+/// `y` [N, O, H, W] plus a per-channel `bias` [O], if any.
+fn add_channel_bias(y: Tensor<4>, bias: Option<Tensor<1>>) -> Tensor<4> {
     match bias {
-        Some(b) => y + b.reshape([1, o, 1, 1]),
+        Some(b) => y + b.reshape([1, -1, 1, 1]),
         None => y,
     }
 }
