@@ -50,17 +50,19 @@ impl Backend {
     }
 
     /// How convolutions run on this backend: `DMD_CONV=native|im2col|gemm` when set;
-    /// otherwise `gemm` on CUDA (Burn's implicit-GEMM kernels through `gemm_conv`: Burn 0.22
-    /// without its `autotune` feature runs `conv2d` as a direct kernel, many times slower;
-    /// results/bench/cuda), and Burn's own `conv2d` on the CPU backends.
+    /// otherwise `gemm` (`gemm_conv`) on CUDA (Burn's implicit-GEMM kernels: Burn 0.22 without
+    /// its `autotune` feature runs `conv2d` as a direct kernel, many times slower;
+    /// results/bench/cuda) and on flex (`cpu_conv`'s blocked im2col products, ~2x Burn's
+    /// `conv2d` forward + backward; results/bench/README.md), and Burn's own `conv2d` on
+    /// ndarray, the deterministic reference.
     pub fn conv_impl(self) -> Result<ConvImpl> {
         let choice = std::env::var("DMD_CONV").unwrap_or_default().trim().to_ascii_lowercase();
         match choice.as_str() {
             "native" => Ok(ConvImpl::Native),
             "im2col" => Ok(ConvImpl::Im2col),
             "gemm" => Ok(ConvImpl::Gemm),
-            "" if self == Self::Cuda => Ok(ConvImpl::Gemm),
-            "" => Ok(ConvImpl::Native),
+            "" if self == Self::Ndarray => Ok(ConvImpl::Native),
+            "" => Ok(ConvImpl::Gemm),
             other => anyhow::bail!("DMD_CONV={other:?}: expected `native`, `im2col` or `gemm`"),
         }
     }

@@ -32,6 +32,19 @@ fn options(stride: usize, pad_h: usize, pad_w: usize) -> ConvOptions<2> {
     ConvOptions::new([stride, stride], [pad_h, pad_w], [1, 1], 1)
 }
 
+/// Burn's own kernels: the three operations' default, and flex's for dtypes other than float32.
+fn burn_conv2d<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<B> {
+    B::conv2d(x, weight, None, options(stride, pad_h, pad_w))
+}
+
+fn burn_conv2d_x_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<B> {
+    B::conv2d_x_backward(x, weight, grad, options(stride, pad_h, pad_w))
+}
+
+fn burn_conv2d_weight_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<B> {
+    B::conv2d_weight_backward(x, weight, grad, options(stride, pad_h, pad_w))
+}
+
 /// The output shape of `gemm_conv2d` (for Burn's fusion, which records it before running).
 #[cfg_attr(not(feature = "fusion"), allow(dead_code))]
 fn output_shape(x: &Shape, weight: &Shape, stride: &usize, pad_h: &usize, pad_w: &usize) -> Shape {
@@ -44,23 +57,40 @@ fn output_shape(x: &Shape, weight: &Shape, stride: &usize, pad_h: &usize, pad_w:
 pub trait GemmConvBackend: Backend {
     #[fusion(dtype = x, shape = output_shape(x, weight, stride, pad_h, pad_w))]
     fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
-        Self::conv2d(x, weight, None, options(stride, pad_h, pad_w))
+        burn_conv2d::<Self>(x, weight, stride, pad_h, pad_w)
     }
 
     /// The gradient for `x` given the output's gradient `grad`.
     #[fusion(dtype = x, shape = x)]
     fn gemm_conv2d_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
-        Self::conv2d_x_backward(x, weight, grad, options(stride, pad_h, pad_w))
+        burn_conv2d_x_backward::<Self>(x, weight, grad, stride, pad_h, pad_w)
     }
 
     /// The gradient for `weight` given the output's gradient `grad`.
     #[fusion(dtype = weight, shape = weight)]
     fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
-        Self::conv2d_weight_backward(x, weight, grad, options(stride, pad_h, pad_w))
+        burn_conv2d_weight_backward::<Self>(x, weight, grad, stride, pad_h, pad_w)
     }
 }
 
-impl GemmConvBackend for Flex {}
+/// Flex runs the three as `cpu_conv`'s blocked im2col products in float32 (other dtypes:
+/// Burn's kernels).
+impl GemmConvBackend for Flex {
+    fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        crate::cpu_conv::conv2d(&x, &weight, stride, pad_h, pad_w)
+            .unwrap_or_else(|| burn_conv2d::<Self>(x, weight, stride, pad_h, pad_w))
+    }
+
+    fn gemm_conv2d_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        crate::cpu_conv::conv2d_x_backward(&x, &weight, &grad, stride, pad_h, pad_w)
+            .unwrap_or_else(|| burn_conv2d_x_backward::<Self>(x, weight, grad, stride, pad_h, pad_w))
+    }
+
+    fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        crate::cpu_conv::conv2d_weight_backward(&x, &weight, &grad, stride, pad_h, pad_w)
+            .unwrap_or_else(|| burn_conv2d_weight_backward::<Self>(x, weight, grad, stride, pad_h, pad_w))
+    }
+}
 impl GemmConvBackend for NdArray {}
 
 #[cfg(feature = "cuda")]

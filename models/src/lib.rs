@@ -3,6 +3,9 @@
 //! Every network is backend-agnostic: the backend is the `Device` its tensors live on.
 
 pub mod config;
+mod cpu_conv;
+pub mod cpu_group_norm;
+pub mod cpu_silu;
 pub mod dhariwal;
 pub mod gemm_conv;
 pub mod gan_head;

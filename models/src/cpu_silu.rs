@@ -1,0 +1,242 @@
+//! SiLU as one operation with its own backward, for Burn's flex CPU backend.
+//!
+//! Written with Burn's tensor ops, SiLU is four element-wise passes forward (neg, exp, +1,
+//! divide) and about as many backward, each allocating, single-threaded below Burn's size
+//! threshold, with `exp` a scalar libm call per value: on adm_tiny it cost more than its
+//! 3x3 convolutions (`dmd bench --ops`). Here the forward pass and the gradient are one
+//! multi-threaded pass each, with an exponential the compiler vectorises (Cephes' `expf`
+//! polynomial, ~1 ulp) and a backward that keeps only the input.
+//!
+//! `nn::silu` sends flex tensors here; other backends (CUDA, where Burn's fusion can fuse the
+//! composite, and ndarray) keep the composite, which is also this extension's default.
+
+#![allow(deprecated)] // burn-ndarray: kept for the deterministic tests
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, NdArray};
+use burn::tensor::{DType, Tensor, TensorData};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+/// x / (1 + exp(-x)), the exponent capped at 80 (as `nn::silu`: no overflow, and SiLU is 0 to
+/// float32 precision below -80 either way).
+#[backend_extension(Flex, NdArray, Cube: cfg(feature = "cuda"), Fusion: cfg(feature = "fusion"), Autodiff)]
+pub trait SiluBackend: Backend {
+    #[fusion(dtype = x, shape = x)]
+    fn silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let denominator = Self::float_add_scalar(Self::float_exp(Self::float_clamp_max(Self::float_neg(x.clone()), 80.0.into())), 1.0.into());
+        Self::float_div(x, denominator)
+    }
+
+    /// The gradient for `x` given the output's gradient `grad`: grad * s * (1 + x (1 - s)),
+    /// s = sigmoid(x).
+    #[fusion(dtype = x, shape = x)]
+    fn silu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let denominator = Self::float_add_scalar(Self::float_exp(Self::float_clamp_max(Self::float_neg(x.clone()), 80.0.into())), 1.0.into());
+        let s = Self::float_recip(denominator);
+        let one_minus_s = Self::float_add_scalar(Self::float_neg(s.clone()), 1.0.into());
+        let factor = Self::float_add_scalar(Self::float_mul(x, one_minus_s), 1.0.into());
+        Self::float_mul(grad, Self::float_mul(s, factor))
+    }
+}
+
+impl SiluBackend for NdArray {}
+
+#[cfg(feature = "cuda")]
+impl SiluBackend for burn_cubecl::CubeBackend {}
+
+impl SiluBackend for Flex {
+    fn silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 {
+            return silu_composite::<Self>(x);
+        }
+        let x = x.to_contiguous();
+        let out = map_chunks(x.as_slice::<f32>().expect("contiguous float32"), None, |x, _, y| kernels::silu(x, y));
+        FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
+    }
+
+    fn silu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            return silu_backward_composite::<Self>(x, grad);
+        }
+        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+        let xs = x.as_slice::<f32>().expect("contiguous float32");
+        let out = map_chunks(xs, grad.as_slice::<f32>(), |x, g, dx| kernels::silu_backward(x, g.expect("gradient"), dx));
+        FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
+    }
+}
+
+/// The trait's default bodies, for flex's other dtypes.
+fn silu_composite<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let denominator = B::float_add_scalar(B::float_exp(B::float_clamp_max(B::float_neg(x.clone()), 80.0.into())), 1.0.into());
+    B::float_div(x, denominator)
+}
+
+fn silu_backward_composite<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let s = B::float_recip(B::float_add_scalar(B::float_exp(B::float_clamp_max(B::float_neg(x.clone()), 80.0.into())), 1.0.into()));
+    let factor = B::float_add_scalar(B::float_mul(x, B::float_add_scalar(B::float_neg(s.clone()), 1.0.into())), 1.0.into());
+    B::float_mul(grad, B::float_mul(s, factor))
+}
+
+/// `f(x_chunk, grad_chunk, out_chunk)` over 16k-value chunks, in parallel.
+fn map_chunks(x: &[f32], grad: Option<&[f32]>, f: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, y)| {
+        let range = i * CHUNK..i * CHUNK + y.len();
+        f(&x[range.clone()], grad.map(|g| &g[range]), y)
+    });
+    out
+}
+
+/// The loops, compiled twice on x86-64: for AVX2 (chosen at run time where the CPU has it)
+/// and for the baseline. No fused multiply-adds either way, so both give the same bits.
+mod kernels {
+    #[inline(always)]
+    fn exp(z: f32) -> f32 {
+        // Cephes expf: z = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n from
+        // the exponent bits. z is clamped to where 2^n is a normal float.
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const ROUND: f32 = 12582912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+        let z = z.clamp(-87.0, 88.0);
+        let shifted = z * LOG2E + ROUND;
+        let n = shifted - ROUND;
+        let r = z - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+        let e = p * (r * r) + r + 1.0;
+        // n as an integer from `shifted`'s low mantissa bits (`as i32` would not vectorise).
+        let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+        e * f32::from_bits(n_int.wrapping_add(127) << 23)
+    }
+
+    /// 1 + exp(-x), the exponent capped at 80.
+    #[inline(always)]
+    fn one_plus_exp_neg(x: f32) -> f32 {
+        1.0 + exp((-x).min(80.0))
+    }
+
+    #[inline(always)]
+    fn silu_generic(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x / one_plus_exp_neg(x);
+        }
+    }
+
+    #[inline(always)]
+    fn silu_backward_generic(x: &[f32], grad: &[f32], dx: &mut [f32]) {
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
+            let s = 1.0 / one_plus_exp_neg(x);
+            *dx = g * (s * (1.0 + x * (1.0 - s)));
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn silu_avx2(x: &[f32], y: &mut [f32]) {
+        silu_generic(x, y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn silu_backward_avx2(x: &[f32], grad: &[f32], dx: &mut [f32]) {
+        silu_backward_generic(x, grad, dx)
+    }
+
+    pub fn silu(x: &[f32], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: the CPU has AVX2.
+            return unsafe { silu_avx2(x, y) };
+        }
+        silu_generic(x, y)
+    }
+
+    pub fn silu_backward(x: &[f32], grad: &[f32], dx: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: the CPU has AVX2.
+            return unsafe { silu_backward_avx2(x, grad, dx) };
+        }
+        silu_backward_generic(x, grad, dx)
+    }
+
+    #[cfg(test)]
+    pub(super) fn exp_for_test(z: f32) -> f32 {
+        exp(z)
+    }
+}
+
+#[derive(Debug)]
+struct SiluGrad;
+
+impl<B: Backend + SiluBackend> Backward<B, 1> for SiluGrad {
+    type State = NodeId;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ops.state);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::silu_backward(x, grad));
+        }
+    }
+}
+
+impl<B: Backend + SiluBackend, C: CheckpointStrategy> SiluBackend for Autodiff<B, C> {
+    fn silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match SiluGrad.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                let out = B::silu(x.into_parts().0);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::silu(x.into_parts().0)),
+        }
+    }
+}
+
+/// SiLU through `SiluBackend` (differentiable).
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as SiluBackend>::silu(x.into_dispatch()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernels;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_standard_library() {
+        // 2 * 10^6 evenly spaced points over the range SiLU uses.
+        let worst = (0..=2_000_000)
+            .map(|i| -87.0 + 167.0 * i as f64 / 2e6)
+            .map(|z| {
+                let got = kernels::exp_for_test(z as f32) as f64;
+                let want = (z as f32 as f64).exp();
+                ((got - want) / want).abs()
+            })
+            .fold(0.0f64, f64::max);
+        assert!(worst < 2.0 * f32::EPSILON as f64, "largest relative error {worst:e}");
+    }
+
+    #[test]
+    fn silu_and_its_gradient_match_the_definition() {
+        let x: Vec<f32> = (0..40_001).map(|i| -80.0 + 180.0 * i as f32 / 40_000.0).collect();
+        let grad: Vec<f32> = (0..x.len()).map(|i| 1.0 - (i % 7) as f32 * 0.25).collect();
+        let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        kernels::silu(&x, &mut y);
+        kernels::silu_backward(&x, &grad, &mut dx);
+        for i in 0..x.len() {
+            let xi = x[i] as f64;
+            let s = 1.0 / (1.0 + (-xi).exp());
+            let (want_y, want_dx) = (xi * s, grad[i] as f64 * s * (1.0 + xi * (1.0 - s)));
+            let tol = |w: f64| 4.0 * f32::EPSILON as f64 * w.abs().max(1e-30) + 1e-37;
+            assert!((y[i] as f64 - want_y).abs() <= tol(want_y), "silu({xi}) = {} want {want_y}", y[i]);
+            assert!((dx[i] as f64 - want_dx).abs() <= tol(want_dx) + 1e-6 * grad[i].abs() as f64, "silu'({xi}) = {} want {want_dx}", dx[i]);
+        }
+    }
+}
