@@ -182,14 +182,14 @@ impl Geometry {
 
 /// A raw pointer that work units on other threads write through, each to its own region.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 /// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, each matrix given by its pointer and (row, column)
 /// strides in elements.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
+pub(crate) unsafe fn matmul(
     m: usize,
     n: usize,
     k: usize,

@@ -4,8 +4,8 @@
 //! divide) and about as many backward, each allocating, single-threaded below Burn's size
 //! threshold, with `exp` a scalar libm call per value: on adm_tiny it cost more than its
 //! 3x3 convolutions (`dmd bench --ops`). Here the forward pass and the gradient are one
-//! multi-threaded pass each, with an exponential the compiler vectorises (Cephes' `expf`
-//! polynomial, ~1 ulp) and a backward that keeps only the input.
+//! multi-threaded pass each, with an exponential the compiler vectorises (`cpu_exp`), and
+//! the backward keeps only the input.
 //!
 //! `nn::silu` sends flex tensors here; other backends (CUDA, where Burn's fusion can fuse the
 //! composite, and ndarray) keep the composite, which is also this extension's default.
@@ -97,27 +97,10 @@ fn map_chunks(x: &[f32], grad: Option<&[f32]>, f: impl Fn(&[f32], Option<&[f32]>
 /// The loops, compiled twice on x86-64: for AVX2 (chosen at run time where the CPU has it)
 /// and for the baseline. No fused multiply-adds either way, so both give the same bits.
 mod kernels {
-    #[inline(always)]
-    fn exp(z: f32) -> f32 {
-        // Cephes expf: z = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n from
-        // the exponent bits. z is clamped to where 2^n is a normal float.
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const ROUND: f32 = 12582912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
-        let z = z.clamp(-87.0, 88.0);
-        let shifted = z * LOG2E + ROUND;
-        let n = shifted - ROUND;
-        let r = z - n * 0.693_359_4 - n * -2.121_944_4e-4;
-        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
-        let e = p * (r * r) + r + 1.0;
-        // n as an integer from `shifted`'s low mantissa bits (`as i32` would not vectorise).
-        let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-        e * f32::from_bits(n_int.wrapping_add(127) << 23)
-    }
-
     /// 1 + exp(-x), the exponent capped at 80.
     #[inline(always)]
     fn one_plus_exp_neg(x: f32) -> f32 {
-        1.0 + exp((-x).min(80.0))
+        1.0 + crate::cpu_exp::exp((-x).min(80.0))
     }
 
     #[inline(always)]
@@ -165,10 +148,6 @@ mod kernels {
         silu_backward_generic(x, grad, dx)
     }
 
-    #[cfg(test)]
-    pub(super) fn exp_for_test(z: f32) -> f32 {
-        exp(z)
-    }
 }
 
 #[derive(Debug)]
@@ -208,20 +187,6 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 #[cfg(test)]
 mod tests {
     use super::kernels;
-
-    #[test]
-    fn exp_is_within_two_ulp_of_the_standard_library() {
-        // 2 * 10^6 evenly spaced points over the range SiLU uses.
-        let worst = (0..=2_000_000)
-            .map(|i| -87.0 + 167.0 * i as f64 / 2e6)
-            .map(|z| {
-                let got = kernels::exp_for_test(z as f32) as f64;
-                let want = (z as f32 as f64).exp();
-                ((got - want) / want).abs()
-            })
-            .fold(0.0f64, f64::max);
-        assert!(worst < 2.0 * f32::EPSILON as f64, "largest relative error {worst:e}");
-    }
 
     #[test]
     fn silu_and_its_gradient_match_the_definition() {

@@ -641,6 +641,10 @@ impl UNetBlock {
 /// channel-in-head, q|k|v interleaved) with `num_heads` heads: [N, C, H, W]. The weights are
 /// computed in float32 whatever the body's dtype, as EDM's AttentionOp does.
 pub fn attention(qkv: Tensor<4>, num_heads: usize) -> Tensor<4> {
+    if qkv.dtype() == DType::F32 && qkv.device().inner() == Device::flex() {
+        // One operation each way on flex (`cpu_attention`).
+        return crate::cpu_attention::attention(qkv, num_heads);
+    }
     let [n, c3, h, w] = qkv.dims();
     let (c, heads) = (c3 / 3, num_heads);
     let ch = c / heads;
