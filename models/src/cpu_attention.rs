@@ -11,7 +11,7 @@
 //! `nn::attention` sends float32 flex tensors here; other backends and dtypes keep the
 //! composite (calling this on another backend panics: it is registered for flex only).
 
-use crate::cpu_conv::{matmul, SharedMut};
+use crate::cpu_conv::{assume_init, matmul, uninit, SharedMut};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -117,8 +117,8 @@ fn weights(s: &Sizes, qkv: &[f32], u: usize, scratch: &mut Scratch) {
 
 fn forward(qkv: &[f32], s: Sizes) -> Vec<f32> {
     let (hw, ch) = (s.hw, s.ch);
-    let mut out = vec![0.0f32; s.units * ch * hw];
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let mut out = uninit(s.units * ch * hw);
+    let out_ptr = SharedMut(out.as_mut_ptr().cast());
     (0..s.units).into_par_iter().for_each_init(Scratch::default, |scratch, u| {
         let out_ptr = out_ptr;
         weights(&s, qkv, u, scratch);
@@ -127,7 +127,8 @@ fn forward(qkv: &[f32], s: Sizes) -> Vec<f32> {
         // out[u] [ch, hw_q] = v [ch, hw_k] * P^T [hw_k, hw_q]; unit u writes only its own rows.
         unsafe { matmul(ch, hw, hw, (out_ptr.0.add(u * ch * hw), hw as isize, 1), false, (v, 3 * hw as isize, 1), (scratch.t.as_ptr(), hw as isize, 1), false) };
     });
-    out
+    // Safety: each unit writes its [ch, hw] block of the output whole.
+    unsafe { assume_init(out) }
 }
 
 /// With G = the gradient of q^T k / sqrt(ch) (softmax backward, times the scale):
@@ -135,8 +136,8 @@ fn forward(qkv: &[f32], s: Sizes) -> Vec<f32> {
 fn backward(qkv: &[f32], grad: &[f32], s: Sizes) -> Vec<f32> {
     let (hw, ch) = (s.hw, s.ch);
     let scale = 1.0 / (ch as f32).sqrt();
-    let mut dqkv = vec![0.0f32; qkv.len()];
-    let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
+    let mut dqkv = uninit(qkv.len());
+    let dqkv_ptr = SharedMut(dqkv.as_mut_ptr().cast());
     (0..s.units).into_par_iter().for_each_init(Scratch::default, |scratch, u| {
         let dqkv_ptr = dqkv_ptr;
         weights(&s, qkv, u, scratch);
@@ -161,7 +162,8 @@ fn backward(qkv: &[f32], grad: &[f32], s: Sizes) -> Vec<f32> {
             matmul(ch, hw, hw, (dk, row, 1), false, (q, row, 1), (scratch.dp.as_ptr(), hw as isize, 1), false);
         }
     });
-    dqkv
+    // Safety: each unit writes its q, k and v gradients whole.
+    unsafe { assume_init(dqkv) }
 }
 
 fn f32s(t: &FlexTensor) -> &[f32] {

@@ -17,6 +17,7 @@
 use burn::tensor::{DType, Shape, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The largest im2col block (floats) of one work unit: ~2 MB, about a core's L2 cache.
 const COL_BLOCK: usize = 1 << 19;
@@ -180,6 +181,21 @@ impl Geometry {
     }
 }
 
+/// `len` floats left uninitialised, for an output every value of which a kernel writes: no
+/// serial zeroing pass on the calling thread before the parallel work.
+pub(crate) fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // Safety: MaybeUninit values need no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Safety: every value of `v` has been written.
+pub(crate) unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity())
+}
+
 /// A raw pointer that work units on other threads write through, each to its own region.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
@@ -220,8 +236,8 @@ fn for_units<U: Sync>(units: &[U], work: impl Fn(&U, &mut Vec<f32>, bool) + Sync
 /// The forward convolution of `x` [n, c, h, w] by `weight` [o, c, kh, kw].
 fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
     let (k, p) = (g.k(), g.out_pixels());
-    let mut out = vec![0.0f32; g.n * g.o * p];
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let mut out = uninit(g.n * g.o * p);
+    let out_ptr = SharedMut(out.as_mut_ptr().cast());
     for_units(&g.units(), |&(b, r0, rows), col, parallel| {
         let width = rows * g.wo;
         let rhs = if g.pointwise() {
@@ -238,7 +254,8 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
             matmul(g.o, width, k, (dst, p as isize, 1), false, (weight.as_ptr(), k as isize, 1), rhs, parallel);
         }
     });
-    out
+    // Safety: the units cover every output row of every image, each written by one product.
+    unsafe { assume_init(out) }
 }
 
 /// The gradient for `weight` [o, c, kh, kw] given the input `x` and the output gradient `dy`.

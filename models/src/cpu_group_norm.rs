@@ -18,6 +18,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
+use crate::cpu_conv::{assume_init, uninit};
 use rayon::prelude::*;
 
 /// Group norm of `x` [N, C, ...] over `groups` groups of channels, then `weight` [C] and `bias`
@@ -107,7 +108,7 @@ fn statistics(unit: &[f32], eps: f32) -> (f32, f32) {
 
 fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: Sizes, eps: f32) -> Vec<f32> {
     let (len, per_group) = (s.unit_len(), s.c / s.groups);
-    let mut y = vec![0.0f32; x.len()];
+    let mut y = uninit(x.len());
     y.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(unit, (y, x))| {
         let (mean, inv_std) = statistics(x, eps);
         let first_channel = unit % s.groups * per_group;
@@ -115,10 +116,13 @@ fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: Sizes, eps: f32) -> Vec<f
             // The affine weight folded into the scale: one multiply-add per value.
             let scale = inv_std * weight[first_channel + k];
             let shift = bias[first_channel + k] - mean * scale;
-            y.iter_mut().zip(x).for_each(|(y, x)| *y = x * scale + shift);
+            y.iter_mut().zip(x).for_each(|(y, x)| {
+                y.write(x * scale + shift);
+            });
         }
     });
-    y
+    // Safety: every unit writes all its values.
+    unsafe { assume_init(y) }
 }
 
 /// (dx, dweight, dbias). Per unit, with x^ = (x - mean) / std and g = grad * weight:
@@ -126,7 +130,7 @@ fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: Sizes, eps: f32) -> Vec<f
 /// channel, first per sample, then over the samples in order.
 fn backward(x: &[f32], weight: &[f32], grad: &[f32], s: Sizes, eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (len, per_group) = (s.unit_len(), s.c / s.groups);
-    let mut dx = vec![0.0f32; x.len()];
+    let mut dx = uninit(x.len());
     // Per (sample, channel): sum of grad * x^, sum of grad.
     let mut channel_sums = vec![[0.0f32; 2]; s.n * s.c];
     dx.par_chunks_mut(len)
@@ -150,7 +154,7 @@ fn backward(x: &[f32], weight: &[f32], grad: &[f32], s: Sizes, eps: f32) -> (Vec
                 let w = weight[first_channel + k];
                 for ((dx, x), g) in dx.iter_mut().zip(x).zip(grad) {
                     let xhat = (x - mean) * inv_std;
-                    *dx = (g * w - mean_g - xhat * mean_g_xhat) * inv_std;
+                    dx.write((g * w - mean_g - xhat * mean_g_xhat) * inv_std);
                 }
             }
         });
@@ -161,7 +165,8 @@ fn backward(x: &[f32], weight: &[f32], grad: &[f32], s: Sizes, eps: f32) -> (Vec
             db[c] += g;
         }
     }
-    (dx, dw, db)
+    // Safety: every unit writes all its values.
+    (unsafe { assume_init(dx) }, dw, db)
 }
 
 #[derive(Debug)]

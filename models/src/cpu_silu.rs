@@ -21,7 +21,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, NdArray};
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
+use crate::cpu_conv::{assume_init, uninit};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// x / (1 + exp(-x)), the exponent capped at 80 (as `nn::silu`: no overflow, and SiLU is 0 to
 /// float32 precision below -80 either way).
@@ -83,20 +85,24 @@ fn silu_backward_composite<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) 
     B::float_mul(grad, B::float_mul(s, factor))
 }
 
-/// `f(x_chunk, grad_chunk, out_chunk)` over 16k-value chunks, in parallel.
-fn map_chunks(x: &[f32], grad: Option<&[f32]>, f: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync) -> Vec<f32> {
+/// `f(x_chunk, grad_chunk, out_chunk)` over 16k-value chunks, in parallel; `f` writes every
+/// value of its output chunk.
+fn map_chunks(x: &[f32], grad: Option<&[f32]>, f: impl Fn(&[f32], Option<&[f32]>, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = uninit(x.len());
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, y)| {
         let range = i * CHUNK..i * CHUNK + y.len();
         f(&x[range.clone()], grad.map(|g| &g[range]), y)
     });
-    out
+    // Safety: the kernels write every value of their chunk.
+    unsafe { assume_init(out) }
 }
 
 /// The loops, compiled twice on x86-64: for AVX2 (chosen at run time where the CPU has it)
 /// and for the baseline. No fused multiply-adds either way, so both give the same bits.
 mod kernels {
+    use std::mem::MaybeUninit;
+
     /// 1 + exp(-x), the exponent capped at 80.
     #[inline(always)]
     fn one_plus_exp_neg(x: f32) -> f32 {
@@ -104,33 +110,33 @@ mod kernels {
     }
 
     #[inline(always)]
-    fn silu_generic(x: &[f32], y: &mut [f32]) {
+    fn silu_generic(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = x / one_plus_exp_neg(x);
+            y.write(x / one_plus_exp_neg(x));
         }
     }
 
     #[inline(always)]
-    fn silu_backward_generic(x: &[f32], grad: &[f32], dx: &mut [f32]) {
+    fn silu_backward_generic(x: &[f32], grad: &[f32], dx: &mut [MaybeUninit<f32>]) {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
             let s = 1.0 / one_plus_exp_neg(x);
-            *dx = g * (s * (1.0 + x * (1.0 - s)));
+            dx.write(g * (s * (1.0 + x * (1.0 - s))));
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn silu_avx2(x: &[f32], y: &mut [f32]) {
+    unsafe fn silu_avx2(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         silu_generic(x, y)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn silu_backward_avx2(x: &[f32], grad: &[f32], dx: &mut [f32]) {
+    unsafe fn silu_backward_avx2(x: &[f32], grad: &[f32], dx: &mut [MaybeUninit<f32>]) {
         silu_backward_generic(x, grad, dx)
     }
 
-    pub fn silu(x: &[f32], y: &mut [f32]) {
+    pub fn silu(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // Safety: the CPU has AVX2.
@@ -139,7 +145,7 @@ mod kernels {
         silu_generic(x, y)
     }
 
-    pub fn silu_backward(x: &[f32], grad: &[f32], dx: &mut [f32]) {
+    pub fn silu_backward(x: &[f32], grad: &[f32], dx: &mut [MaybeUninit<f32>]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // Safety: the CPU has AVX2.
@@ -192,9 +198,9 @@ mod tests {
     fn silu_and_its_gradient_match_the_definition() {
         let x: Vec<f32> = (0..40_001).map(|i| -80.0 + 180.0 * i as f32 / 40_000.0).collect();
         let grad: Vec<f32> = (0..x.len()).map(|i| 1.0 - (i % 7) as f32 * 0.25).collect();
-        let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-        kernels::silu(&x, &mut y);
-        kernels::silu_backward(&x, &grad, &mut dx);
+        // 40001 values: three chunks of `map_chunks`, the last one short.
+        let y = super::map_chunks(&x, None, |x, _, y| kernels::silu(x, y));
+        let dx = super::map_chunks(&x, Some(&grad), |x, g, dx| kernels::silu_backward(x, g.unwrap(), dx));
         for i in 0..x.len() {
             let xi = x[i] as f64;
             let s = 1.0 / (1.0 + (-xi).exp());
