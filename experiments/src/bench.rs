@@ -225,10 +225,8 @@ fn rel_l2_host(a: &HostTensor, b: &HostTensor) -> f64 {
 /// body) and each row also gets its errors in float32 and in bf16 against the CPU's float32
 /// (a wrong or low-precision kernel shows there).
 fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize, bf16: bool) -> Vec<OpRow> {
-    use burn::tensor::module::avg_pool2d;
-    use burn::tensor::ops::AvgPoolOptions;
     use burn::tensor::FloatDType;
-    use dmd_models::nn::{attention, conv2d_dense, silu, GroupNorm, Init};
+    use dmd_models::nn::{attention, avg_pool_2x2, conv2d_dense, silu, GroupNorm, Init};
     let (c, r) = (cfg.model_channels(), cfg.img_resolution);
     let (c2, r2) = (2 * c, (r / 2).max(1));
     let heads = (c2 / 64).max(1);
@@ -277,7 +275,7 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
         (
             format!("downsample 2x2 average, {c} ch at {r}x{r}"),
             [batch, c, r, r],
-            Box::new(|_: &Device, _, _| (Box::new(|x| avg_pool2d(x, AvgPoolOptions::new([2, 2]))) as Block, None)),
+            Box::new(|_: &Device, _, _| (Box::new(avg_pool_2x2) as Block, None)),
         ),
     ];
     let ad = device.clone().autodiff();

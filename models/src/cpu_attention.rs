@@ -69,16 +69,26 @@ struct Scratch {
 
 /// Row-wise softmax of `s` * `scale` in place ([rows, width]).
 fn softmax_rows(s: &mut [f32], width: usize, scale: f32) {
+    // Separate passes, the max and the sum in eight lanes: a running scalar max or sum
+    // (an ordered float reduction) would keep the compiler from vectorising the loop.
+    #[inline(always)]
+    fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+        let mut acc = [init; 8];
+        let chunks = row.chunks_exact(8);
+        let tail = chunks.remainder().iter().fold(init, |a, v| f(a, *v));
+        for c in chunks {
+            for i in 0..8 {
+                acc[i] = f(acc[i], c[i]);
+            }
+        }
+        acc.iter().fold(tail, |a, v| f(a, *v))
+    }
     #[inline(always)]
     fn generic(s: &mut [f32], width: usize, scale: f32) {
         for row in s.chunks_exact_mut(width) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
-            let mut sum = 0.0;
-            for v in row.iter_mut() {
-                *v = crate::cpu_exp::exp(*v * scale - max);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
+            let max = lanes(row, f32::NEG_INFINITY, |m, v| if v > m { v } else { m }) * scale;
+            row.iter_mut().for_each(|v| *v = crate::cpu_exp::exp(*v * scale - max));
+            let inv = 1.0 / lanes(row, 0.0, |a, v| a + v);
             row.iter_mut().for_each(|v| *v *= inv);
         }
     }

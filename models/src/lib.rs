@@ -6,6 +6,7 @@ pub mod config;
 mod cpu_conv;
 mod cpu_exp;
 pub mod cpu_attention;
+pub mod cpu_resample;
 pub mod cpu_group_norm;
 pub mod cpu_silu;
 pub mod dhariwal;

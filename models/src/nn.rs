@@ -211,7 +211,7 @@ impl Conv2d {
         let boxed = f_pad == 0 && self.resample_filter.as_ref().is_some_and(|f| f.shape()[3] == 2);
         let up = |x: Tensor<4>, c: usize, pad: usize| if boxed && pad == 0 { upsample_nearest2x(x) } else { up(x, c, pad) };
         let down = |x: Tensor<4>, c: usize, pad: usize| {
-            if boxed && pad == 0 { avg_pool2d(x, AvgPoolOptions::new([2, 2])) } else { down(x, c, pad) }
+            if boxed && pad == 0 { avg_pool_2x2(x) } else { down(x, c, pad) }
         };
         let x = match (self.resample, w) {
             (Resample::Up, Some(w)) if self.fused_resample => {
@@ -344,8 +344,26 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.clone() / x.neg().clamp_max(80.0).exp().add_scalar(1.0)
 }
 
-/// Repeats every pixel 2x2: [N, C, H, W] -> [N, C, 2H, 2W] (exact, and differentiable).
+/// Whether `x` goes to this crate's flex kernels (`cpu_*`): float32 on the flex device.
+fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32 && x.device().inner() == Device::flex()
+}
+
+/// 2x2 average pooling, [N, C, H, W] -> [N, C, H/2, W/2] (one parallel pass each way on flex).
+pub fn avg_pool_2x2(x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    if on_flex_f32(&x) && h % 2 == 0 && w % 2 == 0 {
+        return crate::cpu_resample::avg_pool_2x2(x);
+    }
+    avg_pool2d(x, AvgPoolOptions::new([2, 2]))
+}
+
+/// Repeats every pixel 2x2: [N, C, H, W] -> [N, C, 2H, 2W] (exact, and differentiable; one
+/// parallel pass each way on flex).
 pub fn upsample_nearest2x(x: Tensor<4>) -> Tensor<4> {
+    if on_flex_f32(&x) {
+        return crate::cpu_resample::repeat_2x2(x);
+    }
     let [n, c, h, w] = x.dims();
     x.reshape([n, c, h, 1, w, 1]).expand([n, c, h, 2, w, 2]).reshape([n, c, 2 * h, 2 * w])
 }
@@ -388,7 +406,7 @@ impl GroupNorm {
     /// the ImageNet-64 ADM) ran on a few hundred threads. The gradients autodiff sums for the
     /// broadcast statistics take the same two-step shape.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        if x.dtype() == DType::F32 && x.device().inner() == Device::flex() {
+        if on_flex_f32(&x) {
             // One operation each way on flex (`cpu_group_norm`), ~3x this composite.
             return crate::cpu_group_norm::group_norm(x, self.weight.val(), self.bias.val(), self.num_groups, self.eps);
         }
@@ -641,7 +659,7 @@ impl UNetBlock {
 /// channel-in-head, q|k|v interleaved) with `num_heads` heads: [N, C, H, W]. The weights are
 /// computed in float32 whatever the body's dtype, as EDM's AttentionOp does.
 pub fn attention(qkv: Tensor<4>, num_heads: usize) -> Tensor<4> {
-    if qkv.dtype() == DType::F32 && qkv.device().inner() == Device::flex() {
+    if on_flex_f32(&qkv) {
         // One operation each way on flex (`cpu_attention`).
         return crate::cpu_attention::attention(qkv, num_heads);
     }
