@@ -2,11 +2,15 @@
 //! the denoiser outputs and 18-step Heun samples of `adm_tiny` (DhariwalUNet) and
 //! `ddpmpp_tiny` (SongUNet, DDPM++), loaded through the real import path, on both CPU backends
 //! and with each way of computing the convolutions (Burn's `conv2d`, our im2col product, and
-//! `gemm_conv2d`, the CUDA default, whose kernels on the CPU are Burn's).
+//! `gemm_conv2d`, the default: on flex this project's own kernels, `cpu_conv`, on ndarray
+//! Burn's). On flex SiLU, group norm, attention and resampling are this project's kernels too.
+//! Also: flex's training step gives the same bits run to run.
 
 mod common;
 
 use common::*;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::Tensor;
@@ -48,7 +52,7 @@ fn check_case(dir: &Path, name: &str) {
         let samples = sample(&denoiser, get(&cases, "sample_latents"), Some(get(&cases, "sample_labels")), &SamplerConfig::default(), &mut [], |_| {});
         assert_close(&format!("{name} sample_out [{backend}]"), &samples, get(&cases, "sample_out"), 1e-5);
     }
-    set_conv_impl(ConvImpl::Native);
+    set_conv_impl(ConvImpl::Gemm);
 }
 
 #[test]
@@ -68,6 +72,48 @@ fn ddpmpp_tiny_matches_edm() {
 /// `conv2d` output and gradients: the backward wiring (which saved tensor goes to which
 /// kernel, which parent gets which gradient, an untracked input, a gradient flowing on to
 /// the operation before it).
+/// The flex kernels' sums run in a fixed order whatever the thread scheduling (the weight
+/// gradient's partial sums included): two identical training steps give identical bits.
+#[test]
+fn flex_training_step_is_deterministic() {
+    let _turn = CONV_IMPL.lock().unwrap_or_else(|e| e.into_inner());
+    set_conv_impl(ConvImpl::Gemm);
+    let cfg = dmd_models::EdmConfig::from_json_str(include_str!("../experiments/configs/networks/adm_tiny.json")).unwrap();
+    let ad = burn::tensor::Device::flex().autodiff();
+    let net = EdmPrecond::new(&cfg, &ad, 3);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut normal = |shape: Vec<usize>| HostTensor::new(shape.clone(), (0..shape.iter().product()).map(|_| rng.sample::<f32, _>(StandardNormal)).collect());
+    let (x, noise) = (normal(vec![16, 3, 16, 16]), normal(vec![16, 3, 16, 16]));
+    let labels = HostTensor::new(vec![16, 10], (0..160).map(|i| (i % 10 == i / 10 % 10) as u8 as f32).collect());
+    let step = || {
+        let sigma: Tensor<1> = Tensor::from_data(burn::tensor::TensorData::new((0..16).map(|i| 0.05 + 0.5 * i as f32).collect::<Vec<_>>(), [16]), &ad);
+        let x: Tensor<4> = x.to_tensor(&ad);
+        let noisy = x.clone() + noise.to_tensor::<4>(&ad) * sigma.clone().reshape([16, 1, 1, 1]);
+        let loss = (net.forward(noisy, sigma, Some(labels.to_tensor(&ad))) - x).square().mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        struct Collect<'a> {
+            grads: &'a GradientsParams,
+            out: Vec<Vec<f32>>,
+        }
+        impl ModuleVisitor for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if let Some(g) = self.grads.get::<D>(param.id) {
+                    self.out.push(HostTensor::from_tensor(g.reshape([-1])).data);
+                }
+            }
+        }
+        let mut c = Collect { grads: &grads, out: Vec::new() };
+        net.visit(&mut c);
+        c.out
+    };
+    let (a, b) = (step(), step());
+    assert!(a.len() > 50, "only {} parameter gradients", a.len());
+    assert!(a.iter().flatten().any(|v| *v != 0.0), "all gradients zero");
+    for (i, (ga, gb)) in a.iter().zip(&b).enumerate() {
+        assert!(ga.iter().zip(gb).all(|(x, y)| x.to_bits() == y.to_bits()), "parameter {i}: gradients differ between two identical steps");
+    }
+}
+
 #[test]
 fn gemm_conv_autodiff_matches_burn_conv2d() {
     for (backend, device) in cpu_backends() {
