@@ -31,19 +31,14 @@ use std::mem::MaybeUninit;
 pub trait SiluBackend: Backend {
     #[fusion(dtype = x, shape = x)]
     fn silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let denominator = Self::float_add_scalar(Self::float_exp(Self::float_clamp_max(Self::float_neg(x.clone()), 80.0.into())), 1.0.into());
-        Self::float_div(x, denominator)
+        silu_composite::<Self>(x)
     }
 
     /// The gradient for `x` given the output's gradient `grad`: grad * s * (1 + x (1 - s)),
     /// s = sigmoid(x).
     #[fusion(dtype = x, shape = x)]
     fn silu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        let denominator = Self::float_add_scalar(Self::float_exp(Self::float_clamp_max(Self::float_neg(x.clone()), 80.0.into())), 1.0.into());
-        let s = Self::float_recip(denominator);
-        let one_minus_s = Self::float_add_scalar(Self::float_neg(s.clone()), 1.0.into());
-        let factor = Self::float_add_scalar(Self::float_mul(x, one_minus_s), 1.0.into());
-        Self::float_mul(grad, Self::float_mul(s, factor))
+        silu_backward_composite::<Self>(x, grad)
     }
 }
 
@@ -73,7 +68,8 @@ impl SiluBackend for Flex {
     }
 }
 
-/// The trait's default bodies, for flex's other dtypes.
+/// Burn's element-wise ops: the trait's default bodies, and flex's for dtypes other than
+/// float32.
 fn silu_composite<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     let denominator = B::float_add_scalar(B::float_exp(B::float_clamp_max(B::float_neg(x.clone()), 80.0.into())), 1.0.into());
     B::float_div(x, denominator)
