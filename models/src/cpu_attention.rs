@@ -108,11 +108,7 @@ fn softmax_rows(s: &mut [f32], width: usize, scale: f32) {
 /// `t` [cols, rows] = the transpose of `m` [rows, cols].
 fn transpose(m: &[f32], rows: usize, cols: usize, t: &mut Vec<f32>) {
     t.resize(rows * cols, 0.0);
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = m[r * cols + c];
-        }
-    }
+    crate::cpu_conv::transpose(m, cols, rows, cols, t);
 }
 
 /// P = softmax(q^T k / sqrt(ch)) of unit `u` into `scratch.p` [hw_q, hw_k].

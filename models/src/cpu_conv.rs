@@ -89,6 +89,20 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.ph == 0 && self.pw == 0
     }
 
+    /// The output columns `lo..hi` whose input column ow * stride + j - pw, for kernel column
+    /// `j`, lies inside the image (the others read padding).
+    fn valid_cols(&self, j: usize) -> (usize, usize) {
+        let (s, wo) = (self.stride, self.wo);
+        let lo = self.pw.saturating_sub(j).div_ceil(s).min(wo);
+        let hi = if self.w + self.pw > j { ((self.w + self.pw - j - 1) / s + 1).min(wo) } else { 0 };
+        (lo, hi.max(lo))
+    }
+
+    /// The input row that output row `out_row` reads for kernel row `i`, if inside the image.
+    fn input_row(&self, out_row: usize, i: usize) -> Option<usize> {
+        (out_row * self.stride + i).checked_sub(self.ph).filter(|&ih| ih < self.h)
+    }
+
     /// Fills `col` [k, rows * wo] with the input windows of image `b`'s output rows
     /// `r0..r0 + rows` (zeros where a window reaches into the padding).
     fn im2col(&self, x: &[f32], b: usize, r0: usize, rows: usize, col: &mut [f32]) {
@@ -100,13 +114,11 @@ impl Geometry {
             for i in 0..self.kh {
                 for j in 0..self.kw {
                     let row = &mut col[((c * self.kh + i) * self.kw + j) * width..][..width];
-                    // Output columns whose input column ow * s + j - pw lies inside the image.
-                    let lo = self.pw.saturating_sub(j).div_ceil(s).min(wo);
-                    let hi = if self.w + self.pw > j { ((self.w + self.pw - j - 1) / s + 1).min(wo) } else { 0 }.max(lo);
+                    let (lo, hi) = self.valid_cols(j);
                     if s == 1 && self.w == wo {
                         // "Same" padding: input and output rows have one length, so the
                         // valid rows are one shifted copy; the columns it wraps are zeroed.
-                        let valid = |r: &usize| (r0 + r + i).checked_sub(self.ph).is_some_and(|ih| ih < self.h);
+                        let valid = |r: &usize| self.input_row(r0 + r, i).is_some();
                         let ra = (0..rows).find(valid).unwrap_or(rows);
                         let rb = (ra..rows).find(|r| !valid(r)).unwrap_or(rows);
                         row[..ra * wo].fill(0.0);
@@ -127,12 +139,11 @@ impl Geometry {
                         continue;
                     }
                     for (r, seg) in row.chunks_exact_mut(wo).enumerate() {
-                        let ih = ((r0 + r) * s + i) as isize - self.ph as isize;
-                        if ih < 0 || ih >= self.h as isize {
+                        let Some(ih) = self.input_row(r0 + r, i) else {
                             seg.fill(0.0);
                             continue;
-                        }
-                        let src = &plane[ih as usize * self.w..][..self.w];
+                        };
+                        let src = &plane[ih * self.w..][..self.w];
                         seg[..lo].fill(0.0);
                         seg[hi..].fill(0.0);
                         if lo == hi {
@@ -162,14 +173,12 @@ impl Geometry {
             for i in 0..self.kh {
                 for j in 0..self.kw {
                     let row = &col[((c * self.kh + i) * self.kw + j) * width..][..width];
-                    let lo = self.pw.saturating_sub(j).div_ceil(s).min(wo);
-                    let hi = if self.w + self.pw > j { ((self.w + self.pw - j - 1) / s + 1).min(wo) } else { 0 }.max(lo);
+                    let (lo, hi) = self.valid_cols(j);
                     for (r, seg) in row.chunks_exact(wo).enumerate() {
-                        let ih = ((r0 + r) * s + i) as isize - self.ph as isize;
-                        if ih < 0 || ih >= self.h as isize || lo == hi {
+                        let Some(ih) = self.input_row(r0 + r, i).filter(|_| lo < hi) else {
                             continue;
-                        }
-                        let dst = &mut plane[ih as usize * self.w..][..self.w];
+                        };
+                        let dst = &mut plane[ih * self.w..][..self.w];
                         let first = lo * s + j - self.pw;
                         for (k, v) in seg[lo..hi].iter().enumerate() {
                             dst[first + k * s] += v;
@@ -307,7 +316,7 @@ fn weight_grad_part(x: &[f32], dy: &[f32], g: &Geometry, units: &[(usize, usize,
 
 /// `dst` [cols, rows] = the transpose of the `rows` x `cols` block of `src` whose rows start
 /// `src_stride` apart, in 16 x 16 tiles.
-fn transpose(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32]) {
+pub(crate) fn transpose(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32]) {
     const T: usize = 16;
     for r0 in (0..rows).step_by(T) {
         for c0 in (0..cols).step_by(T) {
