@@ -108,6 +108,22 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Runs `job` on one of the global rayon pool's threads (given main's stack size and more),
+/// where there are two or more. The CPU kernels are rayon parallel loops, a few hundred per
+/// training step: called from the main thread, each is handed to the pool and main sleeps
+/// until it is done, two thread wake-ups per kernel and a third thread contending for the
+/// cores; called from a pool thread, that thread works on the loop itself (measured in
+/// results/bench/README.md). With one pool thread it
+/// would deadlock the CPU replicas (`parallel.rs`), whose main replica waits for the others'
+/// parallel loops: there `job` runs on the main thread.
+fn on_worker_thread<R: Send>(job: impl FnOnce() -> R + Send) -> R {
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(32 << 20).build_global();
+    if rayon::current_num_threads() < 2 {
+        return job();
+    }
+    rayon::scope(|_| job())
+}
+
 /// Entry point of the `dmd` binary: errors are one line on stderr and a non-zero exit, never
 /// a backtrace.
 pub fn main() {
@@ -122,7 +138,7 @@ pub fn main() {
         eprintln!("error: internal error{at}: {}", msg.lines().next().unwrap_or(""));
     }));
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    if let Err(e) = on_worker_thread(|| run(cli)) {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }

@@ -17,6 +17,7 @@
 use burn::tensor::{DType, Shape, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 /// The largest im2col block (floats) of one work unit: ~2 MB, about a core's L2 cache.
@@ -235,11 +236,22 @@ pub(crate) unsafe fn matmul(
 /// there are enough of them, otherwise one after another with multi-threaded products.
 fn for_units<U: Sync>(units: &[U], work: impl Fn(&U, &mut Vec<f32>, bool) + Sync + Send) {
     if units.len() >= 2 * rayon::current_num_threads() {
-        units.par_iter().for_each_init(Vec::new, |col, u| work(u, col, false));
+        units.par_iter().for_each(|u| with_scratch(0, |col| work(u, col, false)));
     } else {
-        let mut col = Vec::new();
-        units.iter().for_each(|u| work(u, &mut col, true));
+        with_scratch(0, |col| units.iter().for_each(|u| work(u, col, true)));
     }
+}
+
+/// Runs `f` with this thread's scratch vector number `slot` (0 or 1), kept between calls so
+/// that work units neither allocate nor zero their blocks each time (`resize` fills only
+/// what is new, and every kernel overwrites what it uses). Where the slot is already in use
+/// (this thread picked up another convolution's unit while waiting), a fresh vector.
+fn with_scratch<R>(slot: usize, f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    thread_local!(static SCRATCH: [RefCell<Vec<f32>>; 2] = const { [RefCell::new(Vec::new()), RefCell::new(Vec::new())] });
+    SCRATCH.with(|s| match s[slot].try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut Vec::new()),
+    })
 }
 
 /// The forward convolution of `x` [n, c, h, w] by `weight` [o, c, kh, kw].
@@ -295,22 +307,25 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
 fn weight_grad_part(x: &[f32], dy: &[f32], g: &Geometry, units: &[(usize, usize, usize)], parallel: bool) -> Vec<f32> {
     let (k, p) = (g.k(), g.out_pixels());
     let mut dw_t = vec![0.0f32; k * g.o];
-    let (mut col, mut dy_t) = (Vec::new(), Vec::new());
-    for (u, &(b, r0, rows)) in units.iter().enumerate() {
-        let width = rows * g.wo;
-        let lhs = if g.pointwise() {
-            (x[b * k * p + r0 * g.wo..].as_ptr(), p as isize, 1)
-        } else {
-            col.resize(k * width, 0.0);
-            g.im2col(x, b, r0, rows, &mut col);
-            (col.as_ptr(), width as isize, 1)
-        };
-        dy_t.resize(width * g.o, 0.0);
-        transpose(&dy[b * g.o * p + r0 * g.wo..], p, g.o, width, &mut dy_t);
-        let rhs = (dy_t.as_ptr(), g.o as isize, 1);
-        // Safety: all pointers index inside their slices (shapes from `g`).
-        unsafe { matmul(k, g.o, width, (dw_t.as_mut_ptr(), g.o as isize, 1), u > 0, lhs, rhs, parallel) };
-    }
+    with_scratch(0, |col| {
+        with_scratch(1, |dy_t| {
+            for (u, &(b, r0, rows)) in units.iter().enumerate() {
+                let width = rows * g.wo;
+                let lhs = if g.pointwise() {
+                    (x[b * k * p + r0 * g.wo..].as_ptr(), p as isize, 1)
+                } else {
+                    col.resize(k * width, 0.0);
+                    g.im2col(x, b, r0, rows, col);
+                    (col.as_ptr(), width as isize, 1)
+                };
+                dy_t.resize(width * g.o, 0.0);
+                transpose(&dy[b * g.o * p + r0 * g.wo..], p, g.o, width, dy_t);
+                let rhs = (dy_t.as_ptr(), g.o as isize, 1);
+                // Safety: all pointers index inside their slices (shapes from `g`).
+                unsafe { matmul(k, g.o, width, (dw_t.as_mut_ptr(), g.o as isize, 1), u > 0, lhs, rhs, parallel) };
+            }
+        })
+    });
     dw_t
 }
 

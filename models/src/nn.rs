@@ -286,7 +286,10 @@ pub fn conv_impl() -> ConvImpl {
 pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
     let [_, _, kh, kw] = weight.dims();
     let pointwise = kh == 1 && kw == 1 && padding == [0, 0];
-    if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) {
+    // On flex in float32, `cpu_conv` multiplies a 1x1 convolution in place as well (no
+    // broadcast batched product, no batch sum for the weight gradient).
+    let gemm_on_flex = conv_impl() == ConvImpl::Gemm && on_flex_f32(&x);
+    if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) && !gemm_on_flex {
         conv2d_im2col(x, weight, bias, padding)
     } else if conv_impl() == ConvImpl::Gemm {
         add_channel_bias(crate::gemm_conv::gemm_conv2d(x, weight, stride, padding), bias)
