@@ -204,6 +204,9 @@ def time_ops(torch, kwargs, b, dev, timed):
         (f"conv1x1 {c2}->{3 * c2} at {r2}x{r2} (qkv)", (b, c2, r2, r2), [rand(3 * c2, c2, 1, 1)], lambda x, w: F.conv2d(x, w)),
         (f"group_norm {c} ch at {r}x{r}", (b, c, r, r), [gn_w, gn_b], lambda x, w, bb: F.group_norm(x, min(32, c // 4), w, bb, 1e-5)),
         (f"silu {c} ch at {r}x{r}", (b, c, r, r), [], F.silu),
+        # A UNet block's second norm: SiLU of the norm with EDM's adaptive scale and shift.
+        (f"group_norm+silu+scale {c} ch at {r}x{r}", (b, c, r, r), [gn_w, gn_b, rand(b, c, 1, 1), rand(b, c, 1, 1)],
+         lambda x, w, bb, scale, shift: F.silu(torch.addcmul(shift, F.group_norm(x, min(32, c // 4), w, bb, 1e-5), scale + 1))),
         (f"attention {heads} head(s), {c2} ch at {r2}x{r2}", (b, 3 * c2, r2, r2), [], attention),
         (f"downsample 2x2 average, {c} ch at {r}x{r}", (b, c, r, r), [], lambda x: F.avg_pool2d(x, 2)),
     ]

@@ -268,6 +268,16 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
         ),
         (format!("silu {c} ch at {r}x{r}"), [batch, c, r, r], Box::new(|_: &Device, _, _| (Box::new(silu) as Block, None))),
         (
+            format!("group_norm+silu+scale {c} ch at {r}x{r}"),
+            [batch, c, r, r],
+            Box::new(move |dev: &Device, _, half: bool| {
+                let gn = GroupNorm::new(&mut Init::new(dev, 0), c, 1e-5);
+                let per_sample = |seed| random(vec![batch, c, 1, 1], seed, dev).cast(dtype_of(half)).reshape([batch, c]);
+                let (scale, shift) = (per_sample(3), per_sample(4));
+                (Box::new(move |x| gn.forward_silu(x, Some((scale.clone(), shift.clone())))), None)
+            }),
+        ),
+        (
             format!("attention {heads} head(s), {c2} ch at {r2}x{r2}"),
             [batch, 3 * c2, r2, r2],
             Box::new(move |_: &Device, _, _| (Box::new(move |qkv: Tensor<4>| attention(qkv, heads)) as Block, None)),

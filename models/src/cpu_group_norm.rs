@@ -1,10 +1,17 @@
-//! Group normalisation as one operation with its own backward, for Burn's flex CPU backend.
+//! Group normalisation, optionally followed by SiLU, as one operation with its own backward,
+//! for Burn's flex CPU backend.
 //!
 //! `nn::GroupNorm` written with Burn's tensor ops is about a dozen passes forward (reductions,
 //! centring, squares, broadcasts) and twice as many backward, most single-threaded at these
 //! sizes. Here each (sample, group) is one multi-threaded work unit that reads its values
-//! twice forward (statistics, then the normalised output) and three times backward. The
-//! statistics are recomputed in the backward pass rather than kept.
+//! twice forward (statistics, then the output) and three times backward. The statistics are
+//! recomputed in the backward pass rather than kept.
+//!
+//! The affine scale and shift are per sample and channel ([N, C]), so that a UNet block's
+//! `silu(norm(x) * (1 + scale) + shift)` (EDM's adaptive scale from the noise embedding) is
+//! this one operation instead of five full-size passes each way (norm, multiply, add, SiLU,
+//! and the sums over pixels that the broadcast scale and shift need backward). `nn::GroupNorm`
+//! folds its weight and bias into those [N, C] values with small tensor ops.
 //!
 //! `nn::GroupNorm` sends float32 flex tensors here; other backends and dtypes keep the
 //! composite (calling this on another backend panics: it is registered for flex only).
@@ -19,21 +26,27 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use crate::cpu_conv::{assume_init, uninit};
+use crate::cpu_silu::kernels;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
-/// Group norm of `x` [N, C, ...] over `groups` groups of channels, then `weight` [C] and `bias`
-/// [C] per channel: (x - mean) / sqrt(var + eps) * weight + bias, var biased (as PyTorch's).
+/// Group norm of `x` [N, C, ...] over `groups` groups of channels, then the per-sample,
+/// per-channel affine `scale` and `shift` [N, C]: z = (x - mean) / sqrt(var + eps) * scale +
+/// shift, var biased (as PyTorch's). The output is z, or silu(z) where `silu`.
 #[backend_extension(Flex, Autodiff)]
 pub trait GroupNormBackend: Backend {
-    fn group_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, groups: usize, eps: f64) -> FloatTensor<Self>;
+    fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self>;
 
-    /// The gradients for `x`, `weight` and `bias` given the output's gradient `grad`.
+    /// The gradients for `x`, `scale` and `shift` given the output's gradient `grad`.
+    #[allow(clippy::too_many_arguments)]
     fn group_norm_backward(
         x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         groups: usize,
         eps: f64,
+        silu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -46,19 +59,28 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
 }
 
 impl GroupNormBackend for Flex {
-    fn group_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, groups: usize, eps: f64) -> FloatTensor<Self> {
-        let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
+    fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
+        let (x, scale, shift) = (x.to_contiguous(), scale.to_contiguous(), shift.to_contiguous());
         let shape = x.layout().shape().clone();
-        let y = forward(f32s(&x), f32s(&weight), f32s(&bias), Sizes::new(&shape, groups), eps as f32);
+        let y = forward(f32s(&x), f32s(&scale), f32s(&shift), Sizes::new(&shape, groups), eps as f32, silu);
         tensor(y, shape)
     }
 
-    fn group_norm_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, groups: usize, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (x, weight, grad) = (x.to_contiguous(), weight.to_contiguous(), grad.to_contiguous());
+    fn group_norm_backward(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let [x, scale, shift, grad] = [x, scale, shift, grad].map(|t| t.to_contiguous());
         let shape = x.layout().shape().clone();
         let sizes = Sizes::new(&shape, groups);
-        let (dx, dw, db) = backward(f32s(&x), f32s(&weight), f32s(&grad), sizes, eps as f32);
-        (tensor(dx, shape), tensor(dw, Shape::from([sizes.c])), tensor(db, Shape::from([sizes.c])))
+        let (dx, dscale, dshift) = backward(f32s(&x), f32s(&scale), f32s(&shift), f32s(&grad), sizes, eps as f32, silu);
+        let per_sample = Shape::from([sizes.n, sizes.c]);
+        (tensor(dx, shape), tensor(dscale, per_sample.clone()), tensor(dshift, per_sample))
     }
 }
 
@@ -81,6 +103,11 @@ impl Sizes {
     /// Values of one (sample, group) unit: its channels are adjacent, so the unit is contiguous.
     fn unit_len(&self) -> usize {
         self.c / self.groups * self.hw
+    }
+
+    /// The [N, C] index of unit `unit`'s first channel (units are sample-major).
+    fn first_channel(&self, unit: usize) -> usize {
+        unit / self.groups * self.c + unit % self.groups * (self.c / self.groups)
     }
 }
 
@@ -106,32 +133,48 @@ fn statistics(unit: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-fn forward(x: &[f32], weight: &[f32], bias: &[f32], s: Sizes, eps: f32) -> Vec<f32> {
-    let (len, per_group) = (s.unit_len(), s.c / s.groups);
+/// Runs `f(z, i)` on z = x * a + b, 256 values at a time from offset `i`: SiLU's vectorised
+/// kernels read z from a buffer on the stack instead of a full-size temporary.
+fn with_affine(x: &[f32], a: f32, b: f32, mut f: impl FnMut(&[f32], usize)) {
+    let mut z = [0.0f32; 256];
+    for (i, x) in x.chunks(z.len()).enumerate() {
+        let z = &mut z[..x.len()];
+        z.iter_mut().zip(x).for_each(|(z, x)| *z = x * a + b);
+        f(z, i * 256);
+    }
+}
+
+fn forward(x: &[f32], scale: &[f32], shift: &[f32], s: Sizes, eps: f32, silu: bool) -> Vec<f32> {
+    let len = s.unit_len();
     let mut y = uninit(x.len());
     y.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(unit, (y, x))| {
         let (mean, inv_std) = statistics(x, eps);
-        let first_channel = unit % s.groups * per_group;
+        let first = s.first_channel(unit);
         for (k, (y, x)) in y.chunks_exact_mut(s.hw).zip(x.chunks_exact(s.hw)).enumerate() {
-            // The affine weight folded into the scale: one multiply-add per value.
-            let scale = inv_std * weight[first_channel + k];
-            let shift = bias[first_channel + k] - mean * scale;
-            y.iter_mut().zip(x).for_each(|(y, x)| {
-                y.write(x * scale + shift);
-            });
+            // The normalisation folded into the affine: one multiply-add per value.
+            let a = inv_std * scale[first + k];
+            let b = shift[first + k] - mean * a;
+            if silu {
+                with_affine(x, a, b, |z, i| kernels::silu(z, &mut y[i..i + z.len()]));
+            } else {
+                y.iter_mut().zip(x).for_each(|(y, x)| {
+                    y.write(x * a + b);
+                });
+            }
         }
     });
     // Safety: every unit writes all its values.
     unsafe { assume_init(y) }
 }
 
-/// (dx, dweight, dbias). Per unit, with x^ = (x - mean) / std and g = grad * weight:
-/// dx = (g - mean(g) - x^ mean(g x^)) / std; dweight and dbias sum grad x^ and grad per
-/// channel, first per sample, then over the samples in order.
-fn backward(x: &[f32], weight: &[f32], grad: &[f32], s: Sizes, eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// (dx, dscale, dshift). Per unit, with x^ = (x - mean) / std, dz the gradient at z (grad,
+/// or grad * silu'(z)) and g = dz * scale: dx = (g - mean(g) - x^ mean(g x^)) / std; dscale
+/// and dshift are the sums of dz x^ and dz over each (sample, channel).
+#[allow(clippy::too_many_arguments)]
+fn backward(x: &[f32], scale: &[f32], shift: &[f32], grad: &[f32], s: Sizes, eps: f32, silu: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (len, per_group) = (s.unit_len(), s.c / s.groups);
     let mut dx = uninit(x.len());
-    // Per (sample, channel): sum of grad * x^, sum of grad.
+    // Per (sample, channel): sum of dz * x^, sum of dz.
     let mut channel_sums = vec![[0.0f32; 2]; s.n * s.c];
     dx.par_chunks_mut(len)
         .zip(channel_sums.par_chunks_mut(per_group))
@@ -139,50 +182,55 @@ fn backward(x: &[f32], weight: &[f32], grad: &[f32], s: Sizes, eps: f32) -> (Vec
         .enumerate()
         .for_each(|(unit, ((dx, sums), (x, grad)))| {
             let (mean, inv_std) = statistics(x, eps);
-            let first_channel = unit % s.groups * per_group;
+            let first = s.first_channel(unit);
             let (mut sum_g, mut sum_g_xhat) = (0.0f32, 0.0f32);
-            for (k, (x, grad)) in x.chunks_exact(s.hw).zip(grad.chunks_exact(s.hw)).enumerate() {
-                let dy_sum = lane_sum(grad, grad, |g, _| g);
-                let dy_xhat_sum = lane_sum(x, grad, |x, g| (x - mean) * inv_std * g);
-                sums[k] = [dy_xhat_sum, dy_sum];
-                let w = weight[first_channel + k];
-                sum_g += w * dy_sum;
-                sum_g_xhat += w * dy_xhat_sum;
+            for (k, ((x, grad), dx)) in x.chunks_exact(s.hw).zip(grad.chunks_exact(s.hw)).zip(dx.chunks_exact_mut(s.hw)).enumerate() {
+                let dz: &[f32] = if silu {
+                    // dz goes into dx's values for now; the pass below turns it into dx.
+                    let a = inv_std * scale[first + k];
+                    with_affine(x, a, shift[first + k] - mean * a, |z, i| kernels::silu_backward(z, &grad[i..i + z.len()], &mut dx[i..i + z.len()]));
+                    // Safety: silu_backward wrote every value.
+                    unsafe { &*(dx as *const [MaybeUninit<f32>] as *const [f32]) }
+                } else {
+                    grad
+                };
+                let dz_sum = lane_sum(dz, dz, |g, _| g);
+                let dz_xhat_sum = lane_sum(x, dz, |x, g| (x - mean) * inv_std * g);
+                sums[k] = [dz_xhat_sum, dz_sum];
+                sum_g += scale[first + k] * dz_sum;
+                sum_g_xhat += scale[first + k] * dz_xhat_sum;
             }
             let (mean_g, mean_g_xhat) = (sum_g / len as f32, sum_g_xhat / len as f32);
-            for (k, (dx, (x, grad))) in dx.chunks_exact_mut(s.hw).zip(x.chunks_exact(s.hw).zip(grad.chunks_exact(s.hw))).enumerate() {
-                let w = weight[first_channel + k];
+            for (k, ((dx, x), grad)) in dx.chunks_exact_mut(s.hw).zip(x.chunks_exact(s.hw)).zip(grad.chunks_exact(s.hw)).enumerate() {
+                let a = scale[first + k];
                 for ((dx, x), g) in dx.iter_mut().zip(x).zip(grad) {
+                    // Safety: with SiLU, the loop above wrote dz into every value of dx.
+                    let dz = if silu { unsafe { dx.assume_init_read() } } else { *g };
                     let xhat = (x - mean) * inv_std;
-                    dx.write((g * w - mean_g - xhat * mean_g_xhat) * inv_std);
+                    dx.write((dz * a - mean_g - xhat * mean_g_xhat) * inv_std);
                 }
             }
         });
-    let (mut dw, mut db) = (vec![0.0f32; s.c], vec![0.0f32; s.c]);
-    for sample in channel_sums.chunks_exact(s.c) {
-        for (c, [gx, g]) in sample.iter().enumerate() {
-            dw[c] += gx;
-            db[c] += g;
-        }
-    }
+    let (dscale, dshift) = channel_sums.into_iter().map(|[gx, g]| (gx, g)).unzip();
     // Safety: every unit writes all its values.
-    (unsafe { assume_init(dx) }, dw, db)
+    (unsafe { assume_init(dx) }, dscale, dshift)
 }
 
 #[derive(Debug)]
 struct GroupNormGrad;
 
 impl<B: Backend + GroupNormBackend> Backward<B, 3> for GroupNormGrad {
-    type State = (NodeId, NodeId, usize, f64);
+    type State = (NodeId, NodeId, NodeId, usize, f64, bool);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-        let [node_x, node_weight, node_bias] = ops.parents;
+        let [node_x, node_scale, node_shift] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (x_state, weight_state, groups, eps) = ops.state;
+        let (x_state, scale_state, shift_state, groups, eps, silu) = ops.state;
         let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
-        let (dx, dw, db) = B::group_norm_backward(x, weight, grad, groups, eps);
-        for (node, g) in [(node_x, dx), (node_weight, dw), (node_bias, db)] {
+        let scale = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(scale_state);
+        let shift = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(shift_state);
+        let (dx, dscale, dshift) = B::group_norm_backward(x, scale, shift, grad, groups, eps, silu);
+        for (node, g) in [(node_x, dx), (node_scale, dscale), (node_shift, dshift)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
@@ -191,25 +239,34 @@ impl<B: Backend + GroupNormBackend> Backward<B, 3> for GroupNormGrad {
 }
 
 impl<B: Backend + GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for Autodiff<B, C> {
-    fn group_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, groups: usize, eps: f64) -> FloatTensor<Self> {
-        match GroupNormGrad.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+    fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
+        match GroupNormGrad.prepare::<C>([x.node(), scale.node(), shift.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), groups, eps);
-                let out = B::group_norm(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, groups, eps);
+                let state = (prep.checkpoint(&x), prep.checkpoint(&scale), prep.checkpoint(&shift), groups, eps, silu);
+                let out = B::group_norm(x.into_parts().0, scale.into_parts().0, shift.into_parts().0, groups, eps, silu);
                 prep.finish(state, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::group_norm(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, groups, eps)),
+            OpsKind::UnTracked(prep) => prep.finish(B::group_norm(x.into_parts().0, scale.into_parts().0, shift.into_parts().0, groups, eps, silu)),
         }
     }
 
-    fn group_norm_backward(_: FloatTensor<Self>, _: FloatTensor<Self>, _: FloatTensor<Self>, _: usize, _: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    fn group_norm_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: usize,
+        _: f64,
+        _: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("group_norm_backward runs on the inner backend (no second-order gradients)")
     }
 }
 
-/// Group norm through `GroupNormBackend` (differentiable; flex, float32).
-pub fn group_norm(x: Tensor<4>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as GroupNormBackend>::group_norm(x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch(), groups, eps))
+/// Group norm of `x` [N, C, H, W] with the per-sample affine `scale`, `shift` [N, C], then SiLU
+/// where `silu`, through `GroupNormBackend` (differentiable; flex, float32).
+pub fn group_norm(x: Tensor<4>, scale: Tensor<2>, shift: Tensor<2>, groups: usize, eps: f64, silu: bool) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as GroupNormBackend>::group_norm(x.into_dispatch(), scale.into_dispatch(), shift.into_dispatch(), groups, eps, silu))
 }
 
 #[cfg(test)]
@@ -220,29 +277,35 @@ mod tests {
         (0..len as u64).map(|i| offset + scale * (((i.wrapping_mul(2654435761).wrapping_add(seed * 40503) % 65536) as f32 / 65536.0) - 0.5)).collect()
     }
 
-    /// Group norm and its gradients by definition, in f64 (the gradient of sum(grad * y)
-    /// written out per unit).
-    fn direct(x: &[f32], w: &[f32], b: &[f32], dy: &[f32], s: Sizes, eps: f64) -> [Vec<f64>; 4] {
-        let (len, per_group) = (s.unit_len(), s.c / s.groups);
-        let (mut y, mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; s.c], vec![0.0; s.c]);
+    /// Group norm (and SiLU) and its gradients by definition, in f64 (the gradient of
+    /// sum(grad * y) written out per unit).
+    fn direct(x: &[f32], scale: &[f32], shift: &[f32], dy: &[f32], s: Sizes, eps: f64, silu: bool) -> [Vec<f64>; 4] {
+        let len = s.unit_len();
+        let (mut y, mut dx, mut dscale, mut dshift) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; s.n * s.c], vec![0.0; s.n * s.c]);
         for unit in 0..s.n * s.groups {
             let r = unit * len..(unit + 1) * len;
             let mean = x[r.clone()].iter().map(|v| *v as f64).sum::<f64>() / len as f64;
             let var = x[r.clone()].iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
             let inv_std = 1.0 / (var + eps).sqrt();
-            let channel = |i: usize| unit % s.groups * per_group + (i - r.start) / s.hw;
+            let channel = |i: usize| s.first_channel(unit) + (i - r.start) / s.hw;
             let xhat = |i: usize| (x[i] as f64 - mean) * inv_std;
-            let g = |i: usize| dy[i] as f64 * w[channel(i)] as f64;
+            let z = |i: usize| xhat(i) * scale[channel(i)] as f64 + shift[channel(i)] as f64;
+            let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+            let dz = |i: usize| match silu {
+                true => dy[i] as f64 * sigmoid(z(i)) * (1.0 + z(i) * (1.0 - sigmoid(z(i)))),
+                false => dy[i] as f64,
+            };
+            let g = |i: usize| dz(i) * scale[channel(i)] as f64;
             let mean_g = r.clone().map(g).sum::<f64>() / len as f64;
             let mean_g_xhat = r.clone().map(|i| g(i) * xhat(i)).sum::<f64>() / len as f64;
             for i in r.clone() {
-                y[i] = xhat(i) * w[channel(i)] as f64 + b[channel(i)] as f64;
+                y[i] = if silu { z(i) * sigmoid(z(i)) } else { z(i) };
                 dx[i] = (g(i) - mean_g - xhat(i) * mean_g_xhat) * inv_std;
-                dw[channel(i)] += dy[i] as f64 * xhat(i);
-                db[channel(i)] += dy[i] as f64;
+                dscale[channel(i)] += dz(i) * xhat(i);
+                dshift[channel(i)] += dz(i);
             }
         }
-        [y, dx, dw, db]
+        [y, dx, dscale, dshift]
     }
 
     fn rel_error(got: &[f32], want: &[f64]) -> f64 {
@@ -253,16 +316,19 @@ mod tests {
     #[test]
     fn group_norm_and_its_gradients_match_the_definition() {
         // (n, c, groups, hw): EDM's 32 channels in 8 groups; one group; two values per group;
-        // an offset mean (catches one-pass variance).
-        for (n, c, groups, hw, offset) in [(3, 32, 8, 7 * 5, 0.0), (2, 6, 1, 16, 0.0), (4, 6, 3, 3, 0.0), (2, 8, 4, 64, 100.0)] {
+        // an offset mean (catches one-pass variance); a channel longer than SiLU's 256-value
+        // blocks. Each with and without SiLU.
+        let cases = [(3, 32, 8, 7 * 5, 0.0), (2, 6, 1, 16, 0.0), (4, 6, 3, 3, 0.0), (2, 8, 4, 64, 100.0), (2, 4, 2, 600, 0.0)];
+        for ((n, c, groups, hw, offset), silu) in cases.into_iter().flat_map(|case| [(case, false), (case, true)]) {
             let s = Sizes { n, c, groups, hw };
             let x = values(n * c * hw, 1, 4.0, offset);
-            let (w, b, dy) = (values(c, 2, 1.0, 1.0), values(c, 3, 1.0, 0.0), values(n * c * hw, 4, 2.0, 0.0));
+            let (scale, shift, dy) = (values(n * c, 2, 1.0, 1.0), values(n * c, 3, 1.0, 0.0), values(n * c * hw, 4, 2.0, 0.0));
             let eps = 1e-5;
-            let [y, dx, dw, db] = direct(&x, &w, &b, &dy, s, eps);
-            let (got_dx, got_dw, got_db) = backward(&x, &w, &dy, s, eps as f32);
-            let errors = [rel_error(&forward(&x, &w, &b, s, eps as f32), &y), rel_error(&got_dx, &dx), rel_error(&got_dw, &dw), rel_error(&got_db, &db)];
- assert!(errors.iter().all(|e| *e < 2e-5), "{s:?} offset {offset}: relative errors (y, dx, dweight, dbias) {errors:?}");
+            let [y, dx, dscale, dshift] = direct(&x, &scale, &shift, &dy, s, eps, silu);
+            let (got_dx, got_dscale, got_dshift) = backward(&x, &scale, &shift, &dy, s, eps as f32, silu);
+            let got_y = forward(&x, &scale, &shift, s, eps as f32, silu);
+            let errors = [rel_error(&got_y, &y), rel_error(&got_dx, &dx), rel_error(&got_dscale, &dscale), rel_error(&got_dshift, &dshift)];
+            assert!(errors.iter().all(|e| *e < 2e-5), "{s:?} offset {offset} silu {silu}: relative errors (y, dx, dscale, dshift) {errors:?}");
         }
     }
 }

@@ -96,7 +96,7 @@ fn map_chunks(x: &[f32], grad: Option<&[f32]>, f: impl Fn(&[f32], Option<&[f32]>
 
 /// The loops, compiled twice on x86-64: for AVX2 (chosen at run time where the CPU has it)
 /// and for the baseline. No fused multiply-adds either way, so both give the same bits.
-mod kernels {
+pub(crate) mod kernels {
     use std::mem::MaybeUninit;
 
     /// 1 + exp(-x), the exponent capped at 80.

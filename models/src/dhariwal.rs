@@ -117,7 +117,7 @@ impl DhariwalUNet {
             }
             x = block.forward(x, emb.clone());
         }
-        self.out_conv.forward(silu(self.out_norm.forward(x)))
+        self.out_conv.forward(self.out_norm.forward_silu(x, None))
     }
 
     /// The embedding and the encoder: (bottleneck, skips, embedding). The bottleneck is what

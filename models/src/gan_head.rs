@@ -7,7 +7,7 @@
 //! bottleneck sizes r the second conv spans the remaining r/2 x r/2; a 1x1 bottleneck (the
 //! toy MLP) gets 1x1 convs throughout, i.e. an MLP.
 
-use crate::nn::{conv2d_dense, silu, GroupNorm, Init, InitMode, InitSpec, ModuleDict};
+use crate::nn::{conv2d_dense, GroupNorm, Init, InitMode, InitSpec, ModuleDict};
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
@@ -86,7 +86,7 @@ impl GanHead {
             x = match layer {
                 HeadLayer::Conv(conv) => conv.forward(x),
                 // Every norm is followed by a SiLU.
-                HeadLayer::Norm(norm) => silu(norm.forward(x)),
+                HeadLayer::Norm(norm) => norm.forward_silu(x, None),
             };
         }
         x.reshape([n])

@@ -411,7 +411,8 @@ impl GroupNorm {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         if on_flex_f32(&x) {
             // One operation each way on flex (`cpu_group_norm`), ~3x this composite.
-            return crate::cpu_group_norm::group_norm(x, self.weight.val(), self.bias.val(), self.num_groups, self.eps);
+            let (scale, shift) = self.per_sample_affine(x.dims()[0], None);
+            return crate::cpu_group_norm::group_norm(x, scale, shift, self.num_groups, self.eps, false);
         }
         let [n, c, h, w] = x.dims();
         let dtype = x.dtype();
@@ -425,6 +426,37 @@ impl GroupNorm {
         let inv_std = group_mean(centered.clone().square()).add_scalar(self.eps).sqrt().recip();
         let scale = inv_std.reshape([n, g, 1]).expand([n, g, c / g]).reshape([n, c, 1, 1]) * self.weight.val().reshape([1, -1, 1, 1]);
         (centered.reshape([n, c, h, w]) * scale + self.bias.val().reshape([1, -1, 1, 1])).cast(dtype)
+    }
+
+    /// SiLU of the norm, or, given a per-sample `scale` and `shift` [N, C] (EDM's adaptive
+    /// scale from the noise embedding), silu(shift + norm(x) * (scale + 1)). On flex in
+    /// float32 that is one operation each way (`cpu_group_norm`).
+    pub fn forward_silu(&self, x: Tensor<4>, scale_shift: Option<(Tensor<2>, Tensor<2>)>) -> Tensor<4> {
+        if on_flex_f32(&x) {
+            let (scale, shift) = self.per_sample_affine(x.dims()[0], scale_shift);
+            return crate::cpu_group_norm::group_norm(x, scale, shift, self.num_groups, self.eps, true);
+        }
+        let y = self.forward(x);
+        match scale_shift {
+            Some((scale, shift)) => silu(shift.unsqueeze_dims::<4>(&[2, 3]) + y * scale.unsqueeze_dims::<4>(&[2, 3]).add_scalar(1.0)),
+            None => silu(y),
+        }
+    }
+
+    /// The norm's affine weight and bias for each of `n` samples ([N, C]), with the adaptive
+    /// scale and shift folded in where given: weight (scale + 1) and bias (scale + 1) + shift.
+    fn per_sample_affine(&self, n: usize, scale_shift: Option<(Tensor<2>, Tensor<2>)>) -> (Tensor<2>, Tensor<2>) {
+        let (weight, bias) = (self.weight.val().unsqueeze_dim::<2>(0), self.bias.val().unsqueeze_dim::<2>(0));
+        match scale_shift {
+            Some((scale, shift)) => {
+                let factor = scale.add_scalar(1.0);
+                (weight * factor.clone(), bias * factor + shift)
+            }
+            None => {
+                let c = weight.dims()[1];
+                (weight.expand([n, c]), bias.expand([n, c]))
+            }
+        }
     }
 }
 
@@ -630,13 +662,13 @@ impl UNetBlock {
 
     pub fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
         let orig = x.clone();
-        let x = self.conv0.forward(silu(self.norm0.forward(x)));
-        let params = like(self.affine.forward(emb), x.dtype()).unsqueeze_dims::<4>(&[2, 3]);
+        let x = self.conv0.forward(self.norm0.forward_silu(x, None));
+        let params = like(self.affine.forward(emb), x.dtype());
         let x = if self.adaptive_scale {
-            let [scale, shift]: [Tensor<4>; 2] = params.chunk(2, 1).try_into().expect("two chunks");
-            silu(shift + self.norm1.forward(x) * scale.add_scalar(1.0))
+            let [scale, shift]: [Tensor<2>; 2] = params.chunk(2, 1).try_into().expect("two chunks");
+            self.norm1.forward_silu(x, Some((scale, shift)))
         } else {
-            silu(self.norm1.forward(x + params))
+            self.norm1.forward_silu(x + params.unsqueeze_dims::<4>(&[2, 3]), None)
         };
         let x = self.conv1.forward(self.dropout.forward(x));
         let skip = match &self.skip {

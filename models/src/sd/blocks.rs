@@ -89,7 +89,7 @@ impl ResnetBlock2D {
 
     /// `x` [N, C, H, W]; `temb` [N, T] (ignored by a block built without `temb_channels`).
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone(), None));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let t = like(proj.forward(silu(temb)), h.dtype());
@@ -97,7 +97,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(self.norm2.forward_silu(h, None));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,

@@ -659,7 +659,7 @@ impl UNet2DCondition {
                 h = upsample_to(up, h, th, tw);
             }
         }
-        let out = self.conv_out.forward(silu(self.conv_norm_out.forward(h)));
+        let out = self.conv_out.forward(self.conv_norm_out.forward_silu(h, None));
         (out, mid_out)
     }
 

@@ -9,7 +9,7 @@
 //! diffusers.
 
 use crate::config::{json_error, ConfigError};
-use crate::nn::{multihead_attention, silu, GroupNorm, Init, Linear};
+use crate::nn::{multihead_attention, GroupNorm, Init, Linear};
 use crate::precond::ModelError;
 use crate::sd::blocks::{linear, Conv, Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::weights::{load_named, NamedTensors};
@@ -301,7 +301,7 @@ impl VaeEncoder {
         let x = self.conv_in.forward(x);
         let x = self.down_blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x, None))
     }
 }
 
@@ -346,7 +346,7 @@ impl VaeDecoder {
         let x = self.conv_in.forward(z);
         let x = self.mid_block.forward(x);
         let x = self.up_blocks.iter().fold(x, |x, b| b.forward(x));
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x, None))
     }
 }
 
