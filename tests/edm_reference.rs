@@ -162,6 +162,66 @@ fn gemm_conv_autodiff_matches_burn_conv2d() {
     }
 }
 
+/// Flex's convolution with its bias inside (`cpu_conv::conv2d_bias`, what the networks' biased
+/// convolutions run on flex in float32) gives Burn flex's own `conv2d` output and gradients
+/// (input, weight, bias), each parent tracked or not: the backward wiring of the three
+/// gradients, and the bias gradient summed inside the weight gradient's kernel.
+#[test]
+fn flex_conv_with_bias_matches_burn_conv2d() {
+    let ad = burn::tensor::Device::flex().autodiff();
+    let mut rng = StdRng::seed_from_u64(8);
+    // (out channels, kernel, stride, padding, track the input, the weight, the bias)
+    let cases = [
+        (4, [3, 3], 1, [1, 1], [true, true, true]),
+        (6, [1, 1], 1, [0, 0], [true, true, true]),
+        (4, [4, 4], 2, [1, 1], [true, true, true]),
+        (3, [3, 3], 1, [1, 1], [false, true, true]),
+        (3, [3, 3], 1, [1, 1], [true, false, true]),
+        (3, [3, 3], 1, [1, 1], [true, true, false]),
+        (3, [3, 3], 1, [1, 1], [true, false, false]),
+    ];
+    for (o, [kh, kw], stride, [ph, pw], track) in cases {
+        let mut normal = |shape: Vec<usize>| {
+            let data = (0..shape.iter().product()).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+            HostTensor::new(shape, data)
+        };
+        let (ho, wo) = ((8 + 2 * ph - kh) / stride + 1, (6 + 2 * pw - kw) / stride + 1);
+        let x0: Tensor<4> = normal(vec![3, 5, 8, 6]).to_tensor(&ad);
+        let w0: Tensor<4> = normal(vec![o, 5, kh, kw]).to_tensor(&ad);
+        let b0: Tensor<1> = normal(vec![o]).to_tensor(&ad);
+        // Positive weights on the output: no cancellation in the bias gradient's sum.
+        let r: Tensor<4> = normal(vec![3, o, ho, wo]).to_tensor(&ad).abs().add_scalar(0.5);
+        let run = |ours: bool| {
+            let leaf = |t: Tensor<4>, tracked: bool| if tracked { t.detach().require_grad() } else { t.detach() };
+            let x0 = x0.clone().detach().require_grad();
+            let w = leaf(w0.clone(), track[1]);
+            let b = if track[2] { b0.clone().detach().require_grad() } else { b0.clone().detach() };
+            // An operation before the convolution: its input's gradient passes through.
+            let x = if track[0] { x0.clone().mul_scalar(1.5) } else { x0.clone().detach() };
+            let y = if ours {
+                dmd_models::cpu_conv::conv2d_bias(x, w.clone(), b.clone(), stride, [ph, pw])
+            } else {
+                conv2d(x, w.clone(), Some(b.clone()), ConvOptions::new([stride, stride], [ph, pw], [1, 1], 1))
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            let gx = x0.grad(&grads).map(|g| HostTensor::from_tensor(g.reshape([-1]).inner()).data);
+            let gw = w.grad(&grads).map(|g| HostTensor::from_tensor(g.reshape([-1]).inner()).data);
+            let gb = b.grad(&grads).map(|g| HostTensor::from_tensor(g.reshape([-1]).inner()).data);
+            (HostTensor::from_tensor(y.reshape([-1]).inner()).data, [gx, gw, gb])
+        };
+        let (want, got) = (run(false), run(true));
+        let case = format!("{o} out, {kh}x{kw} stride {stride} pad {ph}x{pw}, tracked (input, weight, bias) {track:?}");
+        assert!(rel_l2(&got.0, &want.0) < 1e-6, "{case}: output differs");
+        for (i, what) in ["input", "weight", "bias"].into_iter().enumerate() {
+            assert_eq!(got.1[i].is_some(), track[i], "{case}: {what} gradient present = {}", got.1[i].is_some());
+            if let (Some(g), Some(w)) = (&got.1[i], &want.1[i]) {
+                let err = rel_l2(g, w);
+                assert!(err < 1e-6, "{case}: {what} gradient relative L2 error {err:.2e}");
+            }
+        }
+    }
+}
+
 /// The im2col convolution's output and gradients (input, weight, bias) agree with Burn's
 /// `conv2d` for the kernel shapes the networks use (EDM's 3x3 and 1x1, Inception's 1x7 and
 /// 7x1, a 1x1 to one channel on one image as in the GAN head), with and without padding.

@@ -13,9 +13,25 @@
 //! Deterministic: every output value is one product with a fixed summation order, and the
 //! weight gradient sums a fixed number of partial products in a fixed order, whatever the
 //! number of threads.
+//!
+//! `ConvBiasBackend` is the same convolution with its bias inside, for flex alone: the bias is
+//! added to each unit's output rows while they are in cache, and its gradient summed while
+//! the weight gradient transposes the output gradient. Added with Burn's broadcast ops
+//! instead, the bias was a single-threaded pass forward and, backward, a single-threaded
+//! reduction over batch and pixels after a contiguous copy: ~4% of an adm_tiny training step
+//! with one core idle (`perf`, results/bench/README.md).
 
-use burn::tensor::{DType, Shape, TensorData};
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
+use crate::gemm_conv::GemmConvBackend;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -254,8 +270,9 @@ fn with_scratch<R>(slot: usize, f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     })
 }
 
-/// The forward convolution of `x` [n, c, h, w] by `weight` [o, c, kh, kw].
-fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
+/// The forward convolution of `x` [n, c, h, w] by `weight` [o, c, kh, kw], plus `bias` [o]
+/// where given (added to each unit's rows while they are in cache).
+fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f32> {
     let (k, p) = (g.k(), g.out_pixels());
     let mut out = uninit(g.n * g.o * p);
     let out_ptr = SharedMut(out.as_mut_ptr().cast());
@@ -273,14 +290,18 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
         unsafe {
             let dst = out_ptr.0.add(b * g.o * p + r0 * g.wo);
             matmul(g.o, width, k, (dst, p as isize, 1), false, (weight.as_ptr(), k as isize, 1), rhs, parallel);
+            for (o, b) in bias.into_iter().flatten().enumerate() {
+                std::slice::from_raw_parts_mut(dst.add(o * p), width).iter_mut().for_each(|v| *v += b);
+            }
         }
     });
     // Safety: the units cover every output row of every image, each written by one product.
     unsafe { assume_init(out) }
 }
 
-/// The gradient for `weight` [o, c, kh, kw] given the input `x` and the output gradient `dy`.
-fn weight_grad(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
+/// The gradients for `weight` [o, c, kh, kw] and for a bias [o] given the input `x` and the
+/// output gradient `dy`.
+fn weight_grad(x: &[f32], dy: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
     let units = g.units();
     let per_part = units.len().div_ceil(WEIGHT_GRAD_PARTS);
     let parts: Vec<&[(usize, usize, usize)]> = units.chunks(per_part).collect();
@@ -290,23 +311,26 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
         parts.iter().map(|part| weight_grad_part(x, dy, g, part, true)).collect()
     };
     let mut sums = partial_sums.into_iter();
-    let mut dw_t = sums.next().unwrap_or_else(|| vec![0.0; g.k() * g.o]);
+    let mut dw_t = sums.next().unwrap_or_else(|| vec![0.0; (g.k() + 1) * g.o]);
     for part in sums {
         dw_t.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
     }
+    let db = dw_t.split_off(g.k() * g.o);
     let mut dw = vec![0.0f32; g.o * g.k()];
     transpose(&dw_t, g.o, g.k(), g.o, &mut dw);
-    dw
+    (dw, db)
 }
 
 /// One part's sum over its units of col [k, width] * dy[b, :, band]^T [width, o], that is
-/// the weight gradient transposed ([k, o]). `gemm` runs at full speed only where its right
+/// the weight gradient transposed ([k, o]), followed by the part's sums of dy per output
+/// channel (the bias gradient, [o]). `gemm` runs at full speed only where its right
 /// operand's and its output's rows are contiguous (2x slower at 32 output channels
 /// otherwise), so the output gradient's band goes in transposed: o x width values, ~k/o
 /// times fewer than the window matrix.
 fn weight_grad_part(x: &[f32], dy: &[f32], g: &Geometry, units: &[(usize, usize, usize)], parallel: bool) -> Vec<f32> {
     let (k, p) = (g.k(), g.out_pixels());
-    let mut dw_t = vec![0.0f32; k * g.o];
+    let mut dw_t = vec![0.0f32; (k + 1) * g.o];
+    let (dw_part, db_part) = dw_t.split_at_mut(k * g.o);
     with_scratch(0, |col| {
         with_scratch(1, |dy_t| {
             for (u, &(b, r0, rows)) in units.iter().enumerate() {
@@ -318,11 +342,15 @@ fn weight_grad_part(x: &[f32], dy: &[f32], g: &Geometry, units: &[(usize, usize,
                     g.im2col(x, b, r0, rows, col);
                     (col.as_ptr(), width as isize, 1)
                 };
+                let band = &dy[b * g.o * p + r0 * g.wo..];
                 dy_t.resize(width * g.o, 0.0);
-                transpose(&dy[b * g.o * p + r0 * g.wo..], p, g.o, width, dy_t);
+                transpose(band, p, g.o, width, dy_t);
+                for (o, db) in db_part.iter_mut().enumerate() {
+                    *db += band[o * p..][..width].iter().sum::<f32>();
+                }
                 let rhs = (dy_t.as_ptr(), g.o as isize, 1);
                 // Safety: all pointers index inside their slices (shapes from `g`).
-                unsafe { matmul(k, g.o, width, (dw_t.as_mut_ptr(), g.o as isize, 1), u > 0, lhs, rhs, parallel) };
+                unsafe { matmul(k, g.o, width, (dw_part.as_mut_ptr(), g.o as isize, 1), u > 0, lhs, rhs, parallel) };
             }
         })
     });
@@ -369,7 +397,7 @@ fn input_grad(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
             kw - 1 - g.pw,
         );
         debug_assert_eq!((transposed.ho, transposed.wo), (g.h, g.w));
-        return forward(dy, &flipped, &transposed);
+        return forward(dy, &flipped, None, &transposed);
     }
     // Otherwise: each image's window gradients W^T dy, added back where they were read.
     let (k, p, image) = (g.k(), g.out_pixels(), g.c * g.h * g.w);
@@ -411,11 +439,15 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
-/// The forward convolution, or `None` where the dtype is not float32.
-pub(crate) fn conv2d(x: &FlexTensor, weight: &FlexTensor, stride: usize, ph: usize, pw: usize) -> Option<FlexTensor> {
+/// The forward convolution (plus `bias` where given), or `None` where a dtype is not float32.
+pub(crate) fn conv2d(x: &FlexTensor, weight: &FlexTensor, bias: Option<&FlexTensor>, stride: usize, ph: usize, pw: usize) -> Option<FlexTensor> {
     let [x, weight] = <[FlexTensor; 2]>::try_from(f32_contiguous(&[x, weight])?).ok()?;
+    let bias = match bias {
+        Some(b) => Some(f32_contiguous(&[b])?.remove(0)),
+        None => None,
+    };
     let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, ph, pw);
-    Some(tensor(forward(slice(&x), slice(&weight), &g), Shape::from([g.n, g.o, g.ho, g.wo])))
+    Some(tensor(forward(slice(&x), slice(&weight), bias.as_ref().map(slice), &g), Shape::from([g.n, g.o, g.ho, g.wo])))
 }
 
 /// The input gradient, or `None` where a dtype is not float32.
@@ -425,11 +457,99 @@ pub(crate) fn conv2d_x_backward(x: &FlexTensor, weight: &FlexTensor, grad: &Flex
     Some(tensor(input_grad(slice(&weight), slice(&grad), &g), x.layout().shape().clone()))
 }
 
-/// The weight gradient, or `None` where a dtype is not float32.
-pub(crate) fn conv2d_weight_backward(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, stride: usize, ph: usize, pw: usize) -> Option<FlexTensor> {
+/// The weight and bias gradients, or `None` where a dtype is not float32.
+pub(crate) fn conv2d_weight_bias_backward(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, stride: usize, ph: usize, pw: usize) -> Option<(FlexTensor, FlexTensor)> {
     let [x, grad] = <[FlexTensor; 2]>::try_from(f32_contiguous(&[x, grad])?).ok()?;
     let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, ph, pw);
-    Some(tensor(weight_grad(slice(&x), slice(&grad), &g), weight.layout().shape().clone()))
+    let (dw, db) = weight_grad(slice(&x), slice(&grad), &g);
+    Some((tensor(dw, weight.layout().shape().clone()), tensor(db, Shape::from([g.o]))))
+}
+
+/// The weight gradient, or `None` where a dtype is not float32.
+pub(crate) fn conv2d_weight_backward(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, stride: usize, ph: usize, pw: usize) -> Option<FlexTensor> {
+    conv2d_weight_bias_backward(x, weight, grad, stride, ph, pw).map(|(dw, _)| dw)
+}
+
+/// `x` [N, C, H, W] convolved with `weight` [O, C, kh, kw] at `stride` with zero padding
+/// `pad_h`, `pad_w`, plus `bias` [O] per output channel.
+#[backend_extension(Flex, Autodiff)]
+pub trait ConvBiasBackend: Backend {
+    fn conv2d_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self>;
+
+    /// The gradients for `weight` and `bias` given the output's gradient `grad`.
+    fn conv2d_bias_param_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Float32 runs this file's kernels; other dtypes Burn's `conv2d` and its backward ops.
+impl ConvBiasBackend for Flex {
+    fn conv2d_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        conv2d(&x, &weight, Some(&bias), stride, pad_h, pad_w).unwrap_or_else(|| burn_conv2d_bias::<Self>(x, weight, bias, stride, pad_h, pad_w))
+    }
+
+    fn conv2d_bias_param_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        conv2d_weight_bias_backward(&x, &weight, &grad, stride, pad_h, pad_w).unwrap_or_else(|| burn_conv2d_bias_param_backward::<Self>(x, weight, grad, stride, pad_h, pad_w))
+    }
+}
+
+fn burn_conv2d_bias<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, bias: FloatTensor<B>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<B> {
+    B::conv2d(x, weight, Some(bias), ConvOptions::new([stride, stride], [pad_h, pad_w], [1, 1], 1))
+}
+
+fn burn_conv2d_bias_param_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, stride: usize, pad_h: usize, pad_w: usize) -> (FloatTensor<B>, FloatTensor<B>) {
+    let o = weight.shape()[0];
+    let db = [0, 2, 3].into_iter().fold(grad.clone(), B::float_sum_dim);
+    let dw = B::conv2d_weight_backward(x, weight, grad, ConvOptions::new([stride, stride], [pad_h, pad_w], [1, 1], 1));
+    (dw, B::float_reshape(db, Shape::from([o])))
+}
+
+/// The backward pass: the input gradient from `GemmConvBackend`, the weight and bias
+/// gradients together, from the saved input and weight.
+#[derive(Debug)]
+struct ConvBiasBackward;
+
+impl<B: Backend + GemmConvBackend + ConvBiasBackend> Backward<B, 3> for ConvBiasBackward {
+    type State = (NodeId, NodeId, [usize; 3]);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state, [stride, ph, pw]) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::gemm_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), stride, ph, pw));
+        }
+        if node_weight.is_some() || node_bias.is_some() {
+            let (dw, db) = B::conv2d_bias_param_backward(x, weight, grad, stride, ph, pw);
+            for (node, g) in [(node_weight, dw), (node_bias, db)] {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, g);
+                }
+            }
+        }
+    }
+}
+
+impl<B: Backend + GemmConvBackend + ConvBiasBackend, C: CheckpointStrategy> ConvBiasBackend for Autodiff<B, C> {
+    fn conv2d_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+        match ConvBiasBackward.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), [stride, pad_h, pad_w]);
+                let out = B::conv2d_bias(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, stride, pad_h, pad_w);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_bias(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, stride, pad_h, pad_w)),
+        }
+    }
+
+    fn conv2d_bias_param_backward(_: FloatTensor<Self>, _: FloatTensor<Self>, _: FloatTensor<Self>, _: usize, _: usize, _: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("conv2d_bias_param_backward runs on the inner backend (no second-order gradients)")
+    }
+}
+
+/// The convolution plus bias through `ConvBiasBackend` (differentiable; flex only).
+pub fn conv2d_bias(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as ConvBiasBackend>::conv2d_bias(x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch(), stride, padding[0], padding[1]))
 }
 
 #[cfg(test)]
@@ -443,13 +563,17 @@ mod tests {
 
     /// The convolution's forward pass and both gradients by its definition, in f64:
     /// y[b, o, oh, ow] = sum over c, i, j of w[o, c, i, j] * x[b, c, oh*s + i - ph, ow*s + j - pw].
-    fn direct(x: &[f32], w: &[f32], dy: &[f32], g: &Geometry) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        let (mut y, mut dx, mut dw) = (vec![0.0; g.n * g.o * g.ho * g.wo], vec![0.0; x.len()], vec![0.0; w.len()]);
+    /// With a bias: y[b, o, ...] += bias[o], and its gradient dbias[o] = sum of dy[b, o, ...].
+    #[allow(clippy::type_complexity)]
+    fn direct(x: &[f32], w: &[f32], bias: &[f32], dy: &[f32], g: &Geometry) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (mut y, mut dx, mut dw, mut db) = (vec![0.0; g.n * g.o * g.ho * g.wo], vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; g.o]);
         for b in 0..g.n {
             for o in 0..g.o {
                 for oh in 0..g.ho {
                     for ow in 0..g.wo {
                         let yi = ((b * g.o + o) * g.ho + oh) * g.wo + ow;
+                        y[yi] += bias[o] as f64;
+                        db[o] += dy[yi] as f64;
                         for c in 0..g.c {
                             for i in 0..g.kh {
                                 for j in 0..g.kw {
@@ -469,7 +593,7 @@ mod tests {
                 }
             }
         }
-        (y, dx, dw)
+        (y, dx, dw, db)
     }
 
     fn rel_error(got: &[f32], want: &[f64]) -> f64 {
@@ -500,13 +624,16 @@ mod tests {
             let x = values(n * c * h * w, 1);
             let weight = values(o * c * kh * kw, 2);
             let dy = values(n * o * g.ho * g.wo, 3);
-            let (y, dx, dw) = direct(&x, &weight, &dy, &g);
+            let bias = values(o, 4);
+            let (y, dx, dw, db) = direct(&x, &weight, &bias, &dy, &g);
+            let (got_dw, got_db) = weight_grad(&x, &dy, &g);
             let errors = [
-                rel_error(&forward(&x, &weight, &g), &y),
+                rel_error(&forward(&x, &weight, Some(&bias), &g), &y),
                 rel_error(&input_grad(&weight, &dy, &g), &dx),
-                rel_error(&weight_grad(&x, &dy, &g), &dw),
+                rel_error(&got_dw, &dw),
+                rel_error(&got_db, &db),
             ];
-            assert!(errors.iter().all(|e| *e < 1e-6), "{g:?}: relative errors (output, input gradient, weight gradient) {errors:?}");
+            assert!(errors.iter().all(|e| *e < 1e-6), "{g:?}: relative errors (output, input gradient, weight gradient, bias gradient) {errors:?}");
         }
     }
 
@@ -519,9 +646,12 @@ mod tests {
         let x = values(11 * 64 * 40 * 40, 4);
         let weight = values(8 * 64 * 9, 5);
         let dy = values(11 * 8 * 40 * 40, 6);
-        let (y, dx, dw) = direct(&x, &weight, &dy, &g);
-        assert!(rel_error(&forward(&x, &weight, &g), &y) < 1e-6);
+        let bias = values(8, 7);
+        let (y, dx, dw, db) = direct(&x, &weight, &bias, &dy, &g);
+        let (got_dw, got_db) = weight_grad(&x, &dy, &g);
+        assert!(rel_error(&forward(&x, &weight, Some(&bias), &g), &y) < 1e-6);
         assert!(rel_error(&input_grad(&weight, &dy, &g), &dx) < 1e-6);
-        assert!(rel_error(&weight_grad(&x, &dy, &g), &dw) < 1e-6);
+        assert!(rel_error(&got_dw, &dw) < 1e-6);
+        assert!(rel_error(&got_db, &db) < 1e-6);
     }
 }

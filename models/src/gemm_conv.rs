@@ -77,7 +77,7 @@ pub trait GemmConvBackend: Backend {
 /// Burn's kernels).
 impl GemmConvBackend for Flex {
     fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
-        crate::cpu_conv::conv2d(&x, &weight, stride, pad_h, pad_w)
+        crate::cpu_conv::conv2d(&x, &weight, None, stride, pad_h, pad_w)
             .unwrap_or_else(|| burn_conv2d::<Self>(x, weight, stride, pad_h, pad_w))
     }
 

@@ -289,6 +289,10 @@ pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, st
     // On flex in float32, `cpu_conv` multiplies a 1x1 convolution in place as well (no
     // broadcast batched product, no batch sum for the weight gradient).
     let gemm_on_flex = conv_impl() == ConvImpl::Gemm && on_flex_f32(&x);
+    if let (true, Some(bias)) = (gemm_on_flex, &bias) {
+        // The bias inside the same operation (`cpu_conv::ConvBiasBackend`).
+        return crate::cpu_conv::conv2d_bias(x, weight, bias.clone(), stride, padding);
+    }
     if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) && !gemm_on_flex {
         conv2d_im2col(x, weight, bias, padding)
     } else if conv_impl() == ConvImpl::Gemm {
