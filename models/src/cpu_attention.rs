@@ -11,7 +11,7 @@
 //! `nn::attention` sends float32 flex tensors here; other backends and dtypes keep the
 //! composite (calling this on another backend panics: it is registered for flex only).
 
-use crate::cpu_conv::{assume_init, matmul, uninit, SharedMut};
+use crate::cpu_conv::{SharedMut, assume_init, contiguous, matmul, uninit};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -178,7 +178,7 @@ fn f32s(t: &FlexTensor) -> &[f32] {
 
 impl AttentionBackend for Flex {
     fn edm_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
-        let qkv = qkv.to_contiguous();
+        let qkv = contiguous(&qkv);
         let shape = qkv.layout().shape().clone();
         let s = Sizes::new(&shape, heads);
         let out_shape = Shape::from([shape[0], shape[1] / 3, shape[2], shape[3]]);
@@ -186,7 +186,7 @@ impl AttentionBackend for Flex {
     }
 
     fn edm_attention_backward(qkv: FloatTensor<Self>, grad: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
-        let (qkv, grad) = (qkv.to_contiguous(), grad.to_contiguous());
+        let (qkv, grad) = (contiguous(&qkv), contiguous(&grad));
         let shape = qkv.layout().shape().clone();
         let s = Sizes::new(&shape, heads);
         FlexTensor::from_data(TensorData::new(backward(f32s(&qkv), f32s(&grad), s), shape))

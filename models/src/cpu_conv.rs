@@ -222,6 +222,43 @@ pub(crate) unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity())
 }
 
+/// `t` in row-major order: `t` itself where it already is (no copy), otherwise its rows
+/// copied in parallel where the last dimension is contiguous (the views autodiff hands to a
+/// backward pass: a concatenation's gradient sliced per input, say), else Burn's copy. Burn
+/// flex's own copy runs on one thread, the other core idle.
+pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
+    let layout = t.layout();
+    let (shape, strides) = (layout.shape(), layout.strides());
+    let dims = shape.num_dims();
+    if layout.is_contiguous() || t.dtype() != DType::F32 || dims < 2 || strides[dims - 1] != 1 || strides.iter().any(|s| *s < 0) {
+        return t.to_contiguous();
+    }
+    let (row, len) = (shape[dims - 1], shape.num_elements());
+    let (storage, start) = (t.storage::<f32>(), layout.start_offset());
+    // The storage offset of row `r` (row-major over the leading dimensions).
+    let row_start = |mut r: usize| {
+        let mut offset = start;
+        for d in (0..dims - 1).rev() {
+            offset += r % shape[d] * strides[d] as usize;
+            r /= shape[d];
+        }
+        offset
+    };
+    let mut out = uninit(len);
+    // Tasks of at least ~16k values: rows can be as short as 8.
+    let rows_per_task = (16384 / row.max(1)).max(1);
+    out.par_chunks_mut(row * rows_per_task).enumerate().for_each(|(task, dst)| {
+        for (i, dst) in dst.chunks_exact_mut(row).enumerate() {
+            let src = &storage[row_start(task * rows_per_task + i)..][..row];
+            dst.iter_mut().zip(src).for_each(|(d, s)| {
+                d.write(*s);
+            });
+        }
+    });
+    // Safety: every row was written.
+    tensor(unsafe { assume_init(out) }, shape.clone())
+}
+
 /// A raw pointer that work units on other threads write through, each to its own region.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
@@ -427,7 +464,7 @@ fn input_grad(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
 fn f32_contiguous(tensors: &[&FlexTensor]) -> Option<Vec<FlexTensor>> {
     tensors
         .iter()
-        .map(|t| (t.dtype() == DType::F32).then(|| t.to_contiguous()))
+        .map(|t| (t.dtype() == DType::F32).then(|| contiguous(t)))
         .collect()
 }
 
@@ -634,6 +671,20 @@ mod tests {
                 rel_error(&got_db, &db),
             ];
             assert!(errors.iter().all(|e| *e < 1e-6), "{g:?}: relative errors (output, input gradient, weight gradient, bias gradient) {errors:?}");
+        }
+    }
+
+    /// The parallel row copy gives Burn's own copy of each view: a channel slice of a
+    /// concatenation (what autodiff passes back), a transpose of the last two dimensions
+    /// (not row-contiguous: Burn's copy), and a tensor that is already contiguous.
+    #[test]
+    fn contiguous_copies_views_as_burn_does() {
+        let base = tensor(values(3 * 10 * 7 * 5, 8), Shape::from([3, 10, 7, 5]));
+        for view in [base.narrow(1, 4, 5), base.narrow(1, 0, 1).narrow(2, 2, 3), base.transpose(2, 3), base.clone()] {
+            let (got, want) = (contiguous(&view), view.to_contiguous());
+            assert!(got.is_contiguous());
+            assert_eq!(got.layout().shape(), want.layout().shape());
+            assert_eq!(slice(&got), slice(&want), "{:?}", view.layout());
         }
     }
 

@@ -25,7 +25,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
-use crate::cpu_conv::{assume_init, uninit};
+use crate::cpu_conv::{assume_init, contiguous, uninit};
 use crate::cpu_silu::kernels;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -60,7 +60,7 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
 
 impl GroupNormBackend for Flex {
     fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
-        let (x, scale, shift) = (x.to_contiguous(), scale.to_contiguous(), shift.to_contiguous());
+        let (x, scale, shift) = (contiguous(&x), contiguous(&scale), contiguous(&shift));
         let shape = x.layout().shape().clone();
         let y = forward(f32s(&x), f32s(&scale), f32s(&shift), Sizes::new(&shape, groups), eps as f32, silu);
         tensor(y, shape)
@@ -75,7 +75,7 @@ impl GroupNormBackend for Flex {
         eps: f64,
         silu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let [x, scale, shift, grad] = [x, scale, shift, grad].map(|t| t.to_contiguous());
+        let [x, scale, shift, grad] = [x, scale, shift, grad].map(|t| contiguous(&t));
         let shape = x.layout().shape().clone();
         let sizes = Sizes::new(&shape, groups);
         let (dx, dscale, dshift) = backward(f32s(&x), f32s(&scale), f32s(&shift), f32s(&grad), sizes, eps as f32, silu);

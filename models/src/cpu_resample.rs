@@ -8,7 +8,7 @@
 //! pass over the planes. `nn::resample` sends float32 flex tensors here; other backends and
 //! dtypes keep Burn's ops (calling these on another backend panics: registered for flex only).
 
-use crate::cpu_conv::{assume_init, uninit};
+use crate::cpu_conv::{assume_init, contiguous, uninit};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -72,14 +72,14 @@ fn repeat(x: &[f32], (planes, h, w): (usize, usize, usize), scale: f32) -> Vec<f
 
 impl ResampleBackend for Flex {
     fn pool_2x2(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
-        let x = x.to_contiguous();
+        let x = contiguous(&x);
         let shape = x.layout().shape().clone();
         let out = pool(x.as_slice::<f32>().expect("pool_2x2 on flex: float32"), planes(&shape), scale as f32);
         FlexTensor::from_data(TensorData::new(out, Shape::from([shape[0], shape[1], shape[2] / 2, shape[3] / 2])))
     }
 
     fn repeat_2x2(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
-        let x = x.to_contiguous();
+        let x = contiguous(&x);
         let shape = x.layout().shape().clone();
         let out = repeat(x.as_slice::<f32>().expect("repeat_2x2 on flex: float32"), planes(&shape), scale as f32);
         FlexTensor::from_data(TensorData::new(out, Shape::from([shape[0], shape[1], shape[2] * 2, shape[3] * 2])))

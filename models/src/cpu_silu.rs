@@ -21,7 +21,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, NdArray};
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
-use crate::cpu_conv::{assume_init, uninit};
+use crate::cpu_conv::{assume_init, contiguous, uninit};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -52,7 +52,7 @@ impl SiluBackend for Flex {
         if x.dtype() != DType::F32 {
             return silu_composite::<Self>(x);
         }
-        let x = x.to_contiguous();
+        let x = contiguous(&x);
         let out = map_chunks(x.as_slice::<f32>().expect("contiguous float32"), None, |x, _, y| kernels::silu(x, y));
         FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
     }
@@ -61,7 +61,7 @@ impl SiluBackend for Flex {
         if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
             return silu_backward_composite::<Self>(x, grad);
         }
-        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+        let (x, grad) = (contiguous(&x), contiguous(&grad));
         let xs = x.as_slice::<f32>().expect("contiguous float32");
         let out = map_chunks(xs, grad.as_slice::<f32>(), |x, g, dx| kernels::silu_backward(x, g.expect("gradient"), dx));
         FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))

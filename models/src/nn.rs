@@ -199,7 +199,10 @@ impl Conv2d {
         let w = self.weight.as_ref().map(|w| like(w.val(), dtype));
         let w_pad = w.as_ref().map_or(0, |w| w.dims()[3] / 2);
         let f_pad = self.resample_filter.as_ref().map_or(0, |f| (f.shape()[3] - 1) / 2);
-        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_dense(x, w, None, 1, [pad, pad]);
+        // The bias goes into the convolution where nothing follows it (on flex the same
+        // operation then adds it, `cpu_conv::ConvBiasBackend`), after the down-sampling otherwise.
+        let bias = self.bias.as_ref().map(|b| like(b.val(), dtype));
+        let plain = |x: Tensor<4>, w: Tensor<4>, pad: usize, bias: Option<Tensor<1>>| conv2d_dense(x, w, bias, 1, [pad, pad]);
         let up = |x: Tensor<4>, c: usize, pad: usize| {
             conv_transpose2d(x, self.filter(c, 4.0, dtype), None, ConvTransposeOptions::new([2, 2], [pad, pad], [0, 0], [1, 1], c))
         };
@@ -213,14 +216,14 @@ impl Conv2d {
         let down = |x: Tensor<4>, c: usize, pad: usize| {
             if boxed && pad == 0 { avg_pool_2x2(x) } else { down(x, c, pad) }
         };
-        let x = match (self.resample, w) {
+        match (self.resample, w) {
             (Resample::Up, Some(w)) if self.fused_resample => {
                 let x = up(x, self.in_channels, f_pad.saturating_sub(w_pad));
-                plain(x, w, w_pad.saturating_sub(f_pad))
+                plain(x, w, w_pad.saturating_sub(f_pad), bias)
             }
             (Resample::Down, Some(w)) if self.fused_resample => {
-                let x = plain(x, w, w_pad + f_pad);
-                down(x, self.out_channels, 0)
+                let x = plain(x, w, w_pad + f_pad, None);
+                add_channel_bias(down(x, self.out_channels, 0), bias)
             }
             (resample, w) => {
                 let x = match resample {
@@ -229,14 +232,10 @@ impl Conv2d {
                     Resample::None => x,
                 };
                 match w {
-                    Some(w) => plain(x, w, w_pad),
-                    None => x,
+                    Some(w) => plain(x, w, w_pad, bias),
+                    None => add_channel_bias(x, bias),
                 }
             }
-        };
-        match &self.bias {
-            Some(b) => x + like(b.val(), dtype).reshape([1, -1, 1, 1]),
-            None => x,
         }
     }
 }
