@@ -2,7 +2,7 @@
 //! ImageNet-64 teacher). Layer names follow EDM so its `state_dict` loads as is.
 
 use crate::config::EdmConfig;
-use crate::nn::{silu, 
+use crate::nn::{cat_channels, silu, 
     BlockSpec, Conv2d, ConvSpec, GroupNorm, Init, InitMode, InitSpec, Linear, ModuleDict, PositionalEmbedding,
     Resample, UNetBlock,
 };
@@ -113,7 +113,7 @@ impl DhariwalUNet {
         let (mut x, mut skips, emb) = self.encode(x, noise_labels, class_labels, augment_labels);
         for (_, block) in self.dec.iter() {
             if x.dims()[1] != block.in_channels {
-                x = Tensor::cat(vec![x, skips.pop().expect("skip available")], 1);
+                x = cat_channels(x, skips.pop().expect("skip available"));
             }
             x = block.forward(x, emb.clone());
         }

@@ -355,6 +355,15 @@ fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && x.device().inner() == Device::flex()
 }
 
+/// `a` [N, Ca, H, W] and `b` [N, Cb, H, W] concatenated along the channels (a UNet decoder's
+/// skip connection): one parallel copy each way on flex (`cpu_cat`), Burn's `cat` elsewhere.
+pub fn cat_channels(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    if on_flex_f32(&a) && on_flex_f32(&b) {
+        return crate::cpu_cat::cat_channels(a, b);
+    }
+    Tensor::cat(vec![a, b], 1)
+}
+
 /// 2x2 average pooling, [N, C, H, W] -> [N, C, H/2, W/2] (one parallel pass each way on flex).
 pub fn avg_pool_2x2(x: Tensor<4>) -> Tensor<4> {
     let [_, _, h, w] = x.dims();

@@ -2,7 +2,7 @@
 //! option of the original (embedding, encoder and decoder types, resample filter).
 
 use crate::config::{DecoderType, EdmConfig, EmbeddingType, EncoderType};
-use crate::nn::{silu, 
+use crate::nn::{cat_channels, silu, 
     label_dropout, BlockSpec, Conv2d, ConvSpec, FourierEmbedding, GroupNorm, Init, InitMode, InitSpec, Linear,
     ModuleDict, NoiseEmbedding, PositionalEmbedding, Resample, UNetBlock,
 };
@@ -173,7 +173,7 @@ impl SongUNet {
                 }
                 SongDecLayer::Block(block) => {
                     if x.dims()[1] != block.in_channels {
-                        x = Tensor::cat(vec![x, skips.pop().expect("skip available")], 1);
+                        x = cat_channels(x, skips.pop().expect("skip available"));
                     }
                     x = block.forward(x, emb.clone());
                 }
