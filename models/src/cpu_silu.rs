@@ -7,10 +7,9 @@
 //! multi-threaded pass each, with an exponential the compiler vectorises (`cpu_exp`), and
 //! the backward keeps only the input.
 //!
-//! `nn::silu` sends flex tensors here; other backends (CUDA, where Burn's fusion can fuse the
-//! composite, and ndarray) keep the composite, which is also this extension's default.
-
-#![allow(deprecated)] // burn-ndarray: kept for the deterministic tests
+//! `nn::silu` sends float32 flex tensors here; other backends (CUDA, where Burn's fusion can
+//! fuse the composite, and ndarray) and dtypes keep its composite (calling this on another
+//! backend panics: it is registered for flex only).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -18,8 +17,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, NdArray};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
+use burn::tensor::{Tensor, TensorData};
 use burn_flex::FlexTensor;
 use crate::cpu_conv::{assume_init, contiguous, uninit};
 use rayon::prelude::*;
@@ -27,58 +26,31 @@ use std::mem::MaybeUninit;
 
 /// x / (1 + exp(-x)), the exponent capped at 80 (as `nn::silu`: no overflow, and SiLU is 0 to
 /// float32 precision below -80 either way).
-#[backend_extension(Flex, NdArray, Cube: cfg(feature = "cuda"), Fusion: cfg(feature = "fusion"), Autodiff)]
+#[backend_extension(Flex, Autodiff)]
 pub trait SiluBackend: Backend {
-    #[fusion(dtype = x, shape = x)]
-    fn silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        silu_composite::<Self>(x)
-    }
+    fn silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// The gradient for `x` given the output's gradient `grad`: grad * s * (1 + x (1 - s)),
     /// s = sigmoid(x).
-    #[fusion(dtype = x, shape = x)]
-    fn silu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        silu_backward_composite::<Self>(x, grad)
-    }
+    fn silu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
-impl SiluBackend for NdArray {}
-
-#[cfg(feature = "cuda")]
-impl SiluBackend for burn_cubecl::CubeBackend {}
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("silu on flex: contiguous float32 tensors")
+}
 
 impl SiluBackend for Flex {
     fn silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        if x.dtype() != DType::F32 {
-            return silu_composite::<Self>(x);
-        }
         let x = contiguous(&x);
-        let out = map_chunks(x.as_slice::<f32>().expect("contiguous float32"), None, |x, _, y| kernels::silu(x, y));
+        let out = map_chunks(f32s(&x), None, |x, _, y| kernels::silu(x, y));
         FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
     }
 
     fn silu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
-            return silu_backward_composite::<Self>(x, grad);
-        }
         let (x, grad) = (contiguous(&x), contiguous(&grad));
-        let xs = x.as_slice::<f32>().expect("contiguous float32");
-        let out = map_chunks(xs, grad.as_slice::<f32>(), |x, g, dx| kernels::silu_backward(x, g.expect("gradient"), dx));
+        let out = map_chunks(f32s(&x), Some(f32s(&grad)), |x, g, dx| kernels::silu_backward(x, g.expect("gradient"), dx));
         FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
     }
-}
-
-/// Burn's element-wise ops: the trait's default bodies, and flex's for dtypes other than
-/// float32.
-fn silu_composite<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    let denominator = B::float_add_scalar(B::float_exp(B::float_clamp_max(B::float_neg(x.clone()), 80.0.into())), 1.0.into());
-    B::float_div(x, denominator)
-}
-
-fn silu_backward_composite<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
-    let s = B::float_recip(B::float_add_scalar(B::float_exp(B::float_clamp_max(B::float_neg(x.clone()), 80.0.into())), 1.0.into()));
-    let factor = B::float_add_scalar(B::float_mul(x, B::float_add_scalar(B::float_neg(s.clone()), 1.0.into())), 1.0.into());
-    B::float_mul(grad, B::float_mul(s, factor))
 }
 
 /// `f(x_chunk, grad_chunk, out_chunk)` over 16k-value chunks, in parallel; `f` writes every
@@ -179,9 +151,13 @@ impl<B: Backend + SiluBackend, C: CheckpointStrategy> SiluBackend for Autodiff<B
             OpsKind::UnTracked(prep) => prep.finish(B::silu(x.into_parts().0)),
         }
     }
+
+    fn silu_backward(_: FloatTensor<Self>, _: FloatTensor<Self>) -> FloatTensor<Self> {
+        unreachable!("silu_backward runs on the inner backend (no second-order gradients)")
+    }
 }
 
-/// SiLU through `SiluBackend` (differentiable).
+/// SiLU through `SiluBackend` (differentiable; flex, float32).
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as SiluBackend>::silu(x.into_dispatch()))
 }

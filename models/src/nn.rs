@@ -344,7 +344,7 @@ pub fn like<const D: usize>(w: Tensor<D>, dtype: DType) -> Tensor<D> {
 /// exp never overflows (whose gradient would be NaN); below x = -80 SiLU is 0 to float32
 /// precision either way. On flex it is `cpu_silu`'s single operation (one pass each way).
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.device().inner() == Device::flex() {
+    if on_flex_f32(&x) {
         return crate::cpu_silu::silu(x);
     }
     x.clone() / x.neg().clamp_max(80.0).exp().add_scalar(1.0)
