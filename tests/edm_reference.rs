@@ -3,7 +3,8 @@
 //! `ddpmpp_tiny` (SongUNet, DDPM++), loaded through the real import path, on both CPU backends
 //! and with each way of computing the convolutions (Burn's `conv2d`, our im2col product, and
 //! `gemm_conv2d`, the default: on flex this project's own kernels, `cpu_conv`, on ndarray
-//! Burn's). On flex SiLU, group norm, attention and resampling are this project's kernels too.
+//! Burn's). On flex SiLU, group norm, attention, resampling, the convolution bias and the
+//! skip concatenation are this project's kernels too.
 //! Also: flex's training step gives the same bits run to run.
 
 mod common;
