@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use anyhow::{Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_losses::edm::edm_loss;
 use dmd_models::weights::assign_ids;
@@ -439,7 +439,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         } else {
             let ad = device.clone().autodiff();
             let mut net = Some(assign_ids(EdmPrecond::new(&cfg, &ad, 0), "net").with_bf16_body(args.bf16));
-            let mut optim = AdamConfig::new().init();
+            // Burn's Adam defaults (betas 0.9 / 0.999, epsilon 1e-5).
+            let mut optim = crate::optim::adam(0.9, 0.999, 1e-5);
             let (x, sigma, labels, noise) = (x.clone().to_device(&ad), sigma.clone().to_device(&ad), labels.clone().map(|l| l.to_device(&ad)), noise.clone().to_device(&ad));
             // The step in two timed parts, synchronised between them: the loss's forward +
             // backward, and the optimiser's update (launch-bound on a GPU: a few kernels per

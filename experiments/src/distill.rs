@@ -21,7 +21,7 @@ use crate::sample::{latents_from_seeds, progress, run_generator, take_rows};
 use crate::teacher::{normals, step_seed, toy_eval_of, ToyEval};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{GaussianMixture, ToyDistribution, ToyKind};
 use dmd_losses::dmd::{fake_score_loss, weighted_distribution_matching_loss, DmWeighting, NoiseGrid};
@@ -592,14 +592,7 @@ impl Distiller {
             None => RealScore::Teacher { net: teacher.clone().with_bf16_body(cfg.train.bf16_body), guidance_scale: t.guidance_scale },
         };
         let tr = &cfg.train;
-        let adamw = || {
-            AdamWConfig::new()
-                .with_beta_1(tr.adam_betas[0] as f32)
-                .with_beta_2(tr.adam_betas[1] as f32)
-                .with_epsilon(1e-8)
-                .with_weight_decay(tr.weight_decay as f32)
-                .init()
-        };
+        let adamw = || crate::optim::adamw(tr.adam_betas[0] as f32, tr.adam_betas[1] as f32, 1e-8, tr.weight_decay as f32);
         let load_optim = |dir: &Path, name: &str| {
             let p = dir.join(format!("{name}_optim.bpk"));
             load_optimizer(adamw(), &p)

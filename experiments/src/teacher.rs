@@ -15,7 +15,7 @@ use crate::output::{preview_png, scatter_png};
 use crate::sample::{progress, seeded_samples};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{ToyDistribution, ToyKind};
 use dmd_losses::edm::{edm_loss, EdmLossConfig};
@@ -324,22 +324,19 @@ fn train_replica(cfg: &TeacherConfig, replica: &Replica, device: &Device, data: 
     let run = RunDir(cfg.out_dir.clone());
     let ad = device.clone().autodiff();
     let t = &cfg.train;
-    let adam = AdamConfig::new()
-        .with_beta_1(t.adam_betas[0] as f32)
-        .with_beta_2(t.adam_betas[1] as f32)
-        .with_epsilon(t.adam_eps as f32);
+    let adam = || crate::optim::adam(t.adam_betas[0] as f32, t.adam_betas[1] as f32, t.adam_eps as f32);
     let ckpt = run.checkpoint();
     let (mut net, mut ema, mut optim, start, mut images_seen, mut nonfinite) = match state {
         Some(state) => {
             let net = EdmPrecond::load(&ckpt.join("net.safetensors"), &ckpt.join("net.json"), &ad, "net")?;
             let ema = EdmPrecond::load(&ckpt.join("ema.safetensors"), &ckpt.join("ema.json"), device, "ema")?.valid();
-            let optim = load_optimizer(adam.init(), &ckpt.join("optim.bpk"))?;
+            let optim = load_optimizer(adam(), &ckpt.join("optim.bpk"))?;
             (net, ema, optim, state.step, state.images_seen, state.nonfinite)
         }
         None => {
             let net = assign_ids(EdmPrecond::new(net_cfg, &ad, t.seed), "net");
             let ema = fork_named(&net.valid(), "ema");
-            (net, ema, adam.init(), 0, 0, NonFiniteGuard::default())
+            (net, ema, adam(), 0, 0, NonFiniteGuard::default())
         }
     };
     let main = replica.is_main();

@@ -3,6 +3,7 @@
 //! Every network is backend-agnostic: the backend is the `Device` its tensors live on.
 
 pub mod config;
+pub mod cpu_adam;
 mod cpu_cat;
 pub mod cpu_conv;
 mod cpu_exp;
