@@ -116,40 +116,50 @@ struct FusedAdamW {
     burn: AdamW,
 }
 
-/// The moments after `state` (zeros before the first step: m * beta + g * (1 - beta) is then
-/// exactly Burn's first-step g * (1 - beta)) and the step count t.
-fn moments<const D: usize>(state: Option<AdaptiveMomentumState<D>>, grad: &Tensor<D>) -> Option<(Tensor<D>, Tensor<D>, usize)> {
-    match state {
-        Some(s) if s.max_moment_2.is_none() => Some((s.moment_1, s.moment_2, s.time + 1)),
-        Some(_) => None,
-        None => Some((grad.zeros_like(), grad.zeros_like(), 1)),
+/// The fused step where `cpu_adam` takes the tensors and the state has no AMSGrad maximum:
+/// the moments continue `state` (zeros before the first step: m * beta + g * (1 - beta) is
+/// then exactly Burn's first-step g * (1 - beta)), `constants(t)` gives step t's
+/// [`AdamStep`]. `None`: the caller runs Burn's own step.
+fn fused_step<const D: usize>(
+    tensor: &Tensor<D>,
+    grad: &Tensor<D>,
+    state: Option<&AdaptiveMomentumState<D>>,
+    constants: impl FnOnce(usize) -> AdamStep,
+) -> Option<(Tensor<D>, AdaptiveMomentumState<D>)> {
+    if !(cpu_adam::takes(tensor) && cpu_adam::takes(grad)) {
+        return None;
     }
+    let (m1, m2, t) = match state {
+        Some(s) if s.max_moment_2.is_none() => (s.moment_1.clone(), s.moment_2.clone(), s.time + 1),
+        Some(_) => return None,
+        None => (grad.zeros_like(), grad.zeros_like(), 1),
+    };
+    let (tensor, m1, m2) = cpu_adam::adam_update(tensor.clone(), grad.clone(), m1, m2, constants(t));
+    Some((tensor, AdaptiveMomentumState::new(t, m1, m2)))
 }
 
 impl Optimizer for FusedAdam {
     type State<const D: usize> = AdamState<D>;
 
     fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
-        if !(cpu_adam::takes(&tensor) && cpu_adam::takes(&grad)) {
-            return self.burn.step(lr, tensor, grad, state);
-        }
-        let Some((m1, m2, t)) = moments(state.clone().map(|s| s.momentum), &grad) else {
-            return self.burn.step(lr, tensor, grad, state);
-        };
         // Burn's Adam: m1 sqrt(1 - beta_2^t) / (1 - beta_1^t) / (sqrt(m2) + eps sqrt(1 - beta_2^t)).
-        let bias_correction2_sqrt = (1.0 - self.beta_2.powi(t as i32)).sqrt();
-        let s = AdamStep {
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            m1_scale: bias_correction2_sqrt / (1.0 - self.beta_1.powi(t as i32)),
-            m1_divisor: 1.0,
-            m2_divisor: 1.0,
-            epsilon: self.epsilon * bias_correction2_sqrt,
-            decay: 1.0,
-            lr: lr as f32,
+        let constants = |t: usize| {
+            let bias_correction2_sqrt = (1.0 - self.beta_2.powi(t as i32)).sqrt();
+            AdamStep {
+                beta_1: self.beta_1,
+                beta_2: self.beta_2,
+                m1_scale: bias_correction2_sqrt / (1.0 - self.beta_1.powi(t as i32)),
+                m1_divisor: 1.0,
+                m2_divisor: 1.0,
+                epsilon: self.epsilon * bias_correction2_sqrt,
+                decay: 1.0,
+                lr: lr as f32,
+            }
         };
-        let (tensor, m1, m2) = cpu_adam::adam_update(tensor, grad, m1, m2, s);
-        (tensor, Some(AdamState::new(AdaptiveMomentumState::new(t, m1, m2))))
+        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), constants) {
+            Some((tensor, momentum)) => (tensor, Some(AdamState::new(momentum))),
+            None => self.burn.step(lr, tensor, grad, state),
+        }
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
@@ -161,16 +171,10 @@ impl Optimizer for FusedAdamW {
     type State<const D: usize> = AdamWState<D>;
 
     fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
-        if !(cpu_adam::takes(&tensor) && cpu_adam::takes(&grad)) {
-            return self.burn.step(lr, tensor, grad, state);
-        }
-        let Some((m1, m2, t)) = moments(state.clone().map(|s| s.momentum), &grad) else {
-            return self.burn.step(lr, tensor, grad, state);
-        };
         // Burn's AdamW: param (1 - lr wd) - lr (m1 / (1 - beta_1^t)) / (sqrt(m2 / (1 - beta_2^t)) + eps),
         // the decay skipped when lr wd is 0 (a factor of 1 there: exact).
         let decay_rate = lr * self.weight_decay as f64;
-        let s = AdamStep {
+        let constants = |t: usize| AdamStep {
             beta_1: self.beta_1,
             beta_2: self.beta_2,
             m1_scale: 1.0,
@@ -180,8 +184,10 @@ impl Optimizer for FusedAdamW {
             decay: if decay_rate == 0.0 { 1.0 } else { (1.0 - decay_rate) as f32 },
             lr: lr as f32,
         };
-        let (tensor, m1, m2) = cpu_adam::adam_update(tensor, grad, m1, m2, s);
-        (tensor, Some(AdamWState::new(AdaptiveMomentumState::new(t, m1, m2))))
+        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), constants) {
+            Some((tensor, momentum)) => (tensor, Some(AdamWState::new(momentum))),
+            None => self.burn.step(lr, tensor, grad, state),
+        }
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {

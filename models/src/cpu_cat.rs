@@ -17,7 +17,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
-use crate::cpu_conv::{assume_init, contiguous, uninit};
+use crate::cpu_conv::{assume_init, contiguous, uninit, write_copy};
 use rayon::prelude::*;
 
 /// `a` [N, Ca, ...] and `b` [N, Cb, ...] (the other dimensions equal) as [N, Ca + Cb, ...].
@@ -42,11 +42,8 @@ impl ConcatBackend for Flex {
         let mut out = uninit(n * (la + lb));
         out.par_chunks_mut((la + lb).max(1)).enumerate().for_each(|(i, image)| {
             let (to_a, to_b) = image.split_at_mut(la);
-            for (dst, src) in [(to_a, &xa[i * la..][..la]), (to_b, &xb[i * lb..][..lb])] {
-                dst.iter_mut().zip(src).for_each(|(d, s)| {
-                    d.write(*s);
-                });
-            }
+            write_copy(to_a, &xa[i * la..][..la]);
+            write_copy(to_b, &xb[i * lb..][..lb]);
         });
         let mut shape = sa.clone();
         shape[1] = sa[1] + sb[1];

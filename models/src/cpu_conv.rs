@@ -180,6 +180,19 @@ impl Geometry {
         }
     }
 
+    /// The window matrix [k, rows * wo] of image `b`'s output rows `r0..r0 + rows` as a
+    /// product operand (pointer, row stride, column stride): the input image itself for a
+    /// pointwise convolution, otherwise its im2col block written into `col`.
+    fn windows(&self, x: &[f32], b: usize, r0: usize, rows: usize, col: &mut Vec<f32>) -> (*const f32, isize, isize) {
+        let (k, p, width) = (self.k(), self.out_pixels(), rows * self.wo);
+        if self.pointwise() {
+            return (x[b * k * p + r0 * self.wo..].as_ptr(), p as isize, 1);
+        }
+        col.resize(k * width, 0.0);
+        self.im2col(x, b, r0, rows, col);
+        (col.as_ptr(), width as isize, 1)
+    }
+
     /// Adds `col` [k, rows * wo] (gradients of image `b`'s windows for output rows
     /// `r0..r0 + rows`) back onto the input positions they were read from, in `dx_image`.
     fn col2im_add(&self, col: &[f32], r0: usize, rows: usize, dx_image: &mut [f32]) {
@@ -222,6 +235,13 @@ pub(crate) unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity())
 }
 
+/// Writes `src` into `dst` (same length), a copy into an output left uninitialised.
+pub(crate) fn write_copy(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| {
+        d.write(*s);
+    });
+}
+
 /// `t` in row-major order: `t` itself where it already is (no copy), otherwise its rows
 /// copied in parallel where the last dimension is contiguous (the views autodiff hands to a
 /// backward pass: a concatenation's gradient sliced per input, say), else Burn's copy. Burn
@@ -249,10 +269,7 @@ pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
     let rows_per_task = (16384 / row.max(1)).max(1);
     out.par_chunks_mut(row * rows_per_task).enumerate().for_each(|(task, dst)| {
         for (i, dst) in dst.chunks_exact_mut(row).enumerate() {
-            let src = &storage[row_start(task * rows_per_task + i)..][..row];
-            dst.iter_mut().zip(src).for_each(|(d, s)| {
-                d.write(*s);
-            });
+            write_copy(dst, &storage[row_start(task * rows_per_task + i)..][..row]);
         }
     });
     // Safety: every row was written.
@@ -315,20 +332,14 @@ fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec
     let out_ptr = SharedMut(out.as_mut_ptr().cast());
     for_units(&g.units(), |&(b, r0, rows), col, parallel| {
         let width = rows * g.wo;
-        let rhs = if g.pointwise() {
-            (x[b * k * p + r0 * g.wo..].as_ptr(), p as isize, 1)
-        } else {
-            col.resize(k * width, 0.0);
-            g.im2col(x, b, r0, rows, col);
-            (col.as_ptr(), width as isize, 1)
-        };
+        let rhs = g.windows(x, b, r0, rows, col);
         let out_ptr = out_ptr;
         // Safety: unit (b, r0) writes only output columns r0 * wo .. + width of image b.
         unsafe {
             let dst = out_ptr.0.add(b * g.o * p + r0 * g.wo);
             matmul(g.o, width, k, (dst, p as isize, 1), false, (weight.as_ptr(), k as isize, 1), rhs, parallel);
-            for (o, b) in bias.into_iter().flatten().enumerate() {
-                std::slice::from_raw_parts_mut(dst.add(o * p), width).iter_mut().for_each(|v| *v += b);
+            for (o, bias_o) in bias.into_iter().flatten().enumerate() {
+                std::slice::from_raw_parts_mut(dst.add(o * p), width).iter_mut().for_each(|v| *v += bias_o);
             }
         }
     });
@@ -379,13 +390,7 @@ fn weight_grad_part(x: &[f32], dy: &[f32], g: &Geometry, units: &[(usize, usize,
         with_scratch(1, |dy_t| {
             for (u, &(b, r0, rows)) in units.iter().enumerate() {
                 let width = rows * g.wo;
-                let lhs = if g.pointwise() {
-                    (x[b * k * p + r0 * g.wo..].as_ptr(), p as isize, 1)
-                } else {
-                    col.resize(k * width, 0.0);
-                    g.im2col(x, b, r0, rows, col);
-                    (col.as_ptr(), width as isize, 1)
-                };
+                let lhs = g.windows(x, b, r0, rows, col);
                 let band = &dy[b * g.o * p + r0 * g.wo..];
                 dy_t.resize(width * g.o, 0.0);
                 transpose(band, p, g.o, width, dy_t);

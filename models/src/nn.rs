@@ -277,22 +277,22 @@ pub fn conv_impl() -> ConvImpl {
 }
 
 /// An ungrouped convolution with zero padding `[top and bottom, left and right]`, the one
-/// every network calls, computed as `conv_impl()` says, except that an unpadded 1x1
-/// convolution (attention's qkv and projection, skip connections) is always the matrix
-/// product it is: on flex that is ~3x faster forward + backward than Burn's `conv2d`, whose
-/// weight gradient runs as a convolution with an image-sized kernel. Im2col is stride 1 only:
-/// other strides (a few down-sampling layers) then use Burn's `conv2d`.
+/// every network calls, computed as `conv_impl()` says. Under `gemm` on flex in float32 every
+/// case runs `cpu_conv`, with the bias inside the operation (`cpu_conv::ConvBiasBackend`).
+/// Otherwise an unpadded 1x1 convolution (attention's qkv and projection, skip connections)
+/// is always the matrix product it is: ~3x faster forward + backward than Burn's `conv2d`,
+/// whose weight gradient runs as a convolution with an image-sized kernel. Im2col is stride 1
+/// only: other strides (a few down-sampling layers) then use Burn's `conv2d`.
 pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
+    if conv_impl() == ConvImpl::Gemm && on_flex_f32(&x) {
+        return match bias {
+            Some(bias) => crate::cpu_conv::conv2d_bias(x, weight, bias, stride, padding),
+            None => crate::gemm_conv::gemm_conv2d(x, weight, stride, padding),
+        };
+    }
     let [_, _, kh, kw] = weight.dims();
     let pointwise = kh == 1 && kw == 1 && padding == [0, 0];
-    // On flex in float32, `cpu_conv` multiplies a 1x1 convolution in place as well (no
-    // broadcast batched product, no batch sum for the weight gradient).
-    let gemm_on_flex = conv_impl() == ConvImpl::Gemm && on_flex_f32(&x);
-    if let (true, Some(bias)) = (gemm_on_flex, &bias) {
-        // The bias inside the same operation (`cpu_conv::ConvBiasBackend`).
-        return crate::cpu_conv::conv2d_bias(x, weight, bias.clone(), stride, padding);
-    }
-    if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) && !gemm_on_flex {
+    if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) {
         conv2d_im2col(x, weight, bias, padding)
     } else if conv_impl() == ConvImpl::Gemm {
         add_channel_bias(crate::gemm_conv::gemm_conv2d(x, weight, stride, padding), bias)
