@@ -113,6 +113,7 @@ impl Sizes {
 
 /// The sum of `f(x[i], y[i])` in eight interleaved lanes (vectorises; a fixed order, so
 /// deterministic).
+#[inline(always)]
 fn lane_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (xs, ys) = (x.chunks_exact(8), y.chunks_exact(8));
@@ -126,6 +127,7 @@ fn lane_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 /// A unit's mean and 1 / sqrt(var + eps), by two passes.
+#[inline(always)]
 fn statistics(unit: &[f32], eps: f32) -> (f32, f32) {
     let len = unit.len() as f32;
     let mean = lane_sum(unit, unit, |v, _| v) / len;
@@ -135,6 +137,7 @@ fn statistics(unit: &[f32], eps: f32) -> (f32, f32) {
 
 /// Runs `f(z, i)` on z = x * a + b, 256 values at a time from offset `i`: SiLU's vectorised
 /// kernels read z from a buffer on the stack instead of a full-size temporary.
+#[inline(always)]
 fn with_affine(x: &[f32], a: f32, b: f32, mut f: impl FnMut(&[f32], usize)) {
     let mut z = [0.0f32; 256];
     for (i, x) in x.chunks(z.len()).enumerate() {
@@ -148,23 +151,54 @@ fn forward(x: &[f32], scale: &[f32], shift: &[f32], s: Sizes, eps: f32, silu: bo
     let len = s.unit_len();
     let mut y = uninit(x.len());
     y.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(unit, (y, x))| {
-        let (mean, inv_std) = statistics(x, eps);
         let first = s.first_channel(unit);
-        for (k, (y, x)) in y.chunks_exact_mut(s.hw).zip(x.chunks_exact(s.hw)).enumerate() {
-            // The normalisation folded into the affine: one multiply-add per value.
-            let a = inv_std * scale[first + k];
-            let b = shift[first + k] - mean * a;
-            if silu {
-                with_affine(x, a, b, |z, i| kernels::silu(z, &mut y[i..i + z.len()]));
-            } else {
-                y.iter_mut().zip(x).for_each(|(y, x)| {
-                    y.write(x * a + b);
-                });
-            }
-        }
+        forward_unit(&Unit { x, scale: &scale[first..], shift: &shift[first..], hw: s.hw, eps, silu }, y);
     });
     // Safety: every unit writes all its values.
     unsafe { assume_init(y) }
+}
+
+/// One (sample, group) unit's values and its channels' scales and shifts (from its first).
+struct Unit<'a> {
+    x: &'a [f32],
+    scale: &'a [f32],
+    shift: &'a [f32],
+    hw: usize,
+    eps: f32,
+    silu: bool,
+}
+
+/// `forward_unit_body` compiled for AVX2 where the CPU has it (its passes over the unit are
+/// vector loops: 8 lanes at once instead of SSE2's 4; the backward pass ran 1.5-2.3x faster),
+/// else for the baseline. No fused multiply-adds either way, so both give the same bits.
+fn forward_unit(u: &Unit<'_>, y: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(u: &Unit<'_>, y: &mut [MaybeUninit<f32>]) {
+            forward_unit_body(u, y)
+        }
+        // Safety: the CPU has AVX2.
+        return unsafe { avx2(u, y) };
+    }
+    forward_unit_body(u, y)
+}
+
+#[inline(always)]
+fn forward_unit_body(u: &Unit<'_>, y: &mut [MaybeUninit<f32>]) {
+    let (mean, inv_std) = statistics(u.x, u.eps);
+    for (k, (y, x)) in y.chunks_exact_mut(u.hw).zip(u.x.chunks_exact(u.hw)).enumerate() {
+        // The normalisation folded into the affine: one multiply-add per value.
+        let a = inv_std * u.scale[k];
+        let b = u.shift[k] - mean * a;
+        if u.silu {
+            with_affine(x, a, b, |z, i| kernels::silu(z, &mut y[i..i + z.len()]));
+        } else {
+            y.iter_mut().zip(x).for_each(|(y, x)| {
+                y.write(x * a + b);
+            });
+        }
+    }
 }
 
 /// (dx, dscale, dshift). Per unit, with x^ = (x - mean) / std, dz the gradient at z (grad,
@@ -181,39 +215,60 @@ fn backward(x: &[f32], scale: &[f32], shift: &[f32], grad: &[f32], s: Sizes, eps
         .zip(x.par_chunks(len).zip(grad.par_chunks(len)))
         .enumerate()
         .for_each(|(unit, ((dx, sums), (x, grad)))| {
-            let (mean, inv_std) = statistics(x, eps);
             let first = s.first_channel(unit);
-            let (mut sum_g, mut sum_g_xhat) = (0.0f32, 0.0f32);
-            for (k, ((x, grad), dx)) in x.chunks_exact(s.hw).zip(grad.chunks_exact(s.hw)).zip(dx.chunks_exact_mut(s.hw)).enumerate() {
-                let dz: &[f32] = if silu {
-                    // dz goes into dx's values for now; the pass below turns it into dx.
-                    let a = inv_std * scale[first + k];
-                    with_affine(x, a, shift[first + k] - mean * a, |z, i| kernels::silu_backward(z, &grad[i..i + z.len()], &mut dx[i..i + z.len()]));
-                    // Safety: silu_backward wrote every value.
-                    unsafe { &*(dx as *const [MaybeUninit<f32>] as *const [f32]) }
-                } else {
-                    grad
-                };
-                let dz_sum = lane_sum(dz, dz, |g, _| g);
-                let dz_xhat_sum = lane_sum(x, dz, |x, g| (x - mean) * inv_std * g);
-                sums[k] = [dz_xhat_sum, dz_sum];
-                sum_g += scale[first + k] * dz_sum;
-                sum_g_xhat += scale[first + k] * dz_xhat_sum;
-            }
-            let (mean_g, mean_g_xhat) = (sum_g / len as f32, sum_g_xhat / len as f32);
-            for (k, ((dx, x), grad)) in dx.chunks_exact_mut(s.hw).zip(x.chunks_exact(s.hw)).zip(grad.chunks_exact(s.hw)).enumerate() {
-                let a = scale[first + k];
-                for ((dx, x), g) in dx.iter_mut().zip(x).zip(grad) {
-                    // Safety: with SiLU, the loop above wrote dz into every value of dx.
-                    let dz = if silu { unsafe { dx.assume_init_read() } } else { *g };
-                    let xhat = (x - mean) * inv_std;
-                    dx.write((dz * a - mean_g - xhat * mean_g_xhat) * inv_std);
-                }
-            }
+            backward_unit(&Unit { x, scale: &scale[first..], shift: &shift[first..], hw: s.hw, eps, silu }, grad, dx, sums);
         });
     let (dscale, dshift) = channel_sums.into_iter().map(|[gx, g]| (gx, g)).unzip();
     // Safety: every unit writes all its values.
     (unsafe { assume_init(dx) }, dscale, dshift)
+}
+
+/// `backward_unit_body` for AVX2 where the CPU has it, as `forward_unit`.
+fn backward_unit(u: &Unit<'_>, grad: &[f32], dx: &mut [MaybeUninit<f32>], sums: &mut [[f32; 2]]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(u: &Unit<'_>, grad: &[f32], dx: &mut [MaybeUninit<f32>], sums: &mut [[f32; 2]]) {
+            backward_unit_body(u, grad, dx, sums)
+        }
+        // Safety: the CPU has AVX2.
+        return unsafe { avx2(u, grad, dx, sums) };
+    }
+    backward_unit_body(u, grad, dx, sums)
+}
+
+/// One unit's dx, and its channels' sums of dz x^ and dz into `sums`.
+#[inline(always)]
+fn backward_unit_body(u: &Unit<'_>, grad: &[f32], dx: &mut [MaybeUninit<f32>], sums: &mut [[f32; 2]]) {
+    let (mean, inv_std) = statistics(u.x, u.eps);
+    let len = u.x.len();
+    let (mut sum_g, mut sum_g_xhat) = (0.0f32, 0.0f32);
+    for (k, ((x, grad), dx)) in u.x.chunks_exact(u.hw).zip(grad.chunks_exact(u.hw)).zip(dx.chunks_exact_mut(u.hw)).enumerate() {
+        let dz: &[f32] = if u.silu {
+            // dz goes into dx's values for now; the pass below turns it into dx.
+            let a = inv_std * u.scale[k];
+            with_affine(x, a, u.shift[k] - mean * a, |z, i| kernels::silu_backward(z, &grad[i..i + z.len()], &mut dx[i..i + z.len()]));
+            // Safety: silu_backward wrote every value.
+            unsafe { &*(dx as *const [MaybeUninit<f32>] as *const [f32]) }
+        } else {
+            grad
+        };
+        let dz_sum = lane_sum(dz, dz, |g, _| g);
+        let dz_xhat_sum = lane_sum(x, dz, |x, g| (x - mean) * inv_std * g);
+        sums[k] = [dz_xhat_sum, dz_sum];
+        sum_g += u.scale[k] * dz_sum;
+        sum_g_xhat += u.scale[k] * dz_xhat_sum;
+    }
+    let (mean_g, mean_g_xhat) = (sum_g / len as f32, sum_g_xhat / len as f32);
+    for (k, ((dx, x), grad)) in dx.chunks_exact_mut(u.hw).zip(u.x.chunks_exact(u.hw)).zip(grad.chunks_exact(u.hw)).enumerate() {
+        let a = u.scale[k];
+        for ((dx, x), g) in dx.iter_mut().zip(x).zip(grad) {
+            // Safety: with SiLU, the loop above wrote dz into every value of dx.
+            let dz = if u.silu { unsafe { dx.assume_init_read() } } else { *g };
+            let xhat = (x - mean) * inv_std;
+            dx.write((dz * a - mean_g - xhat * mean_g_xhat) * inv_std);
+        }
+    }
 }
 
 #[derive(Debug)]
