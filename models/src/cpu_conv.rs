@@ -1,8 +1,10 @@
 //! `gemm_conv2d` on Burn's flex CPU backend: the forward pass and both gradients as blocked
-//! im2col + matrix products on the NCHW layout, without transposing the input or output.
-//! The weight gradient gathers its windows pixel-major instead (`im2row`), which puts the
-//! large operand where `gemm` reads it fastest: ~1.3-1.7x faster than with the im2col block,
-//! on par with the forward pass (results/bench/README.md).
+//! window gathers + matrix products on the NCHW layout, without transposing the output. The
+//! forward pass and the input gradient gather im2col blocks; the weight gradient gathers its
+//! windows pixel-major instead (`im2row`, from a pixel-major copy of the input rows), which
+//! `gemm` (after swapping the operands internally) reads in panels as it does the forward
+//! pass's im2col block: ~1.3-1.7x faster than with the im2col block, on par with the forward
+//! pass (results/bench/README.md).
 //!
 //! Burn flex's own `conv2d` converts the whole input to NHWC, multiplies per 512-pixel tile
 //! into a fresh buffer and scatters it back transposed; its input gradient is a transposed
@@ -18,8 +20,8 @@
 //! number of threads.
 //!
 //! `ConvBiasBackend` is the same convolution with its bias inside, for flex alone: the bias is
-//! added to each unit's output rows while they are in cache, and its gradient summed while
-//! the weight gradient transposes the output gradient. Added with Burn's broadcast ops
+//! added to each unit's output rows while they are in cache, and its gradient summed from the
+//! output gradient's band in the weight-gradient kernel. Added with Burn's broadcast ops
 //! instead, the bias was a single-threaded pass forward and, backward, a single-threaded
 //! reduction over batch and pixels after a contiguous copy: ~4% of an adm_tiny training step
 //! with one core idle (`perf`, results/bench/README.md).
@@ -39,7 +41,9 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-/// The largest im2col block (floats) of one work unit: ~2 MB, about a core's L2 cache.
+/// The largest window block (floats, im2col or im2row) of one work unit: ~2 MB, about a
+/// core's L2 cache. (`im2row`'s pixel-major copy of the input rows comes on top: at stride 1
+/// about 1/(kh kw) of it.)
 const COL_BLOCK: usize = 1 << 19;
 /// The weight gradient's partial sums: a fixed count, so results do not depend on threads.
 const WEIGHT_GRAD_PARTS: usize = 8;
@@ -190,12 +194,17 @@ impl Geometry {
     /// copies per output pixel, no tests for the edges.
     fn im2row(&self, x: &[f32], b: usize, r0: usize, rows: usize, pixels: &mut Vec<f32>, out: &mut [f32]) {
         let (c, s, k, kw) = (self.c, self.stride, self.k(), self.kw);
+        let image = &x[b * c * self.h * self.w..][..c * self.h * self.w];
+        if self.pointwise() {
+            // The pixel-major copy of the rows is itself the block.
+            transpose(&image[r0 * self.w..], self.h * self.w, c, rows * self.w, out);
+            return;
+        }
         let wp = self.w + 2 * self.pw;
         // Padded input rows top..top + rows_in, padded row index = input row + ph.
         let top = r0 * s;
         let rows_in = (rows - 1) * s + self.kh;
         pixels.resize(rows_in * wp * c, 0.0);
-        let image = &x[b * c * self.h * self.w..][..c * self.h * self.w];
         for (pr, row) in pixels.chunks_exact_mut(wp * c).enumerate() {
             let Some(ih) = (top + pr).checked_sub(self.ph).filter(|&ih| ih < self.h) else {
                 row.fill(0.0);
@@ -388,7 +397,7 @@ fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec
 /// output gradient `dy`.
 fn weight_grad(x: &[f32], dy: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
     let units = g.units();
-    let per_part = units.len().div_ceil(WEIGHT_GRAD_PARTS);
+    let per_part = units.len().div_ceil(WEIGHT_GRAD_PARTS).max(1);
     let parts: Vec<&[(usize, usize, usize)]> = units.chunks(per_part).collect();
     let mut partial_sums: Vec<Vec<f32>> = if parts.len() >= 2 {
         parts.par_iter().map(|part| weight_grad_part(x, dy, g, part, false)).collect()
@@ -416,10 +425,11 @@ fn weight_grad(x: &[f32], dy: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
 /// One part's sum over its units of dy[b, :, band] [o, width] * rows [width, k], that is the
 /// weight gradient with its columns in the window order (i, j, c), followed by the part's
 /// sums of dy per output channel (the bias gradient, [o]). `rows` holds one window per
-/// output pixel, contiguous (`im2row`): as the product's left operand in `gemm`'s terms it
-/// is read in panels down its columns like the forward pass's im2col block, where the
-/// im2col block [k, width] against a transposed dy ran the weight gradient ~1.3-1.7x slower
-/// than the forward pass (its windows broadcast across six columns 1 KB apart).
+/// output pixel, contiguous (`im2row`). `gemm` computes the transposed product (its output's
+/// rows are contiguous), where `rows` becomes the left operand, read in panels down its
+/// columns like the forward pass's im2col block. With the im2col block [k, width] against a
+/// transposed dy instead, the windows were the broadcast operand (six columns 1 KB apart)
+/// and the weight gradient ran ~1.3-1.7x slower than the forward pass.
 fn weight_grad_part(x: &[f32], dy: &[f32], g: &Geometry, units: &[(usize, usize, usize)], parallel: bool) -> Vec<f32> {
     let (k, p) = (g.k(), g.out_pixels());
     let mut dw = vec![0.0f32; (k + 1) * g.o];
@@ -801,6 +811,11 @@ mod tests {
             (2, 5, 11, 11, 7, 5, 5, 3, 2, 2),
             (2, 3, 7, 7, 1, 3, 3, 1, 1, 1),
             (2, 2, 5, 5, 3, 3, 3, 1, 2, 2),
+            // 1x1 at stride 2 with more padding than the kernel; a 2x2 kernel at stride 3
+            // (rows no window reads); a 3x2 kernel at stride 2; odd channel counts.
+            (2, 7, 6, 5, 3, 1, 1, 2, 3, 2),
+            (2, 3, 8, 7, 4, 2, 2, 3, 4, 5),
+            (3, 17, 7, 3, 5, 3, 2, 2, 1, 0),
         ];
         for (n, c, h, w, o, kh, kw, stride, ph, pw) in cases {
             let g = Geometry::new(&Shape::from([n, c, h, w]), &Shape::from([o, c, kh, kw]), stride, ph, pw);
@@ -835,6 +850,14 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_batch_has_zero_gradients() {
+        let g = Geometry::new(&Shape::from([0, 3, 5, 5]), &Shape::from([4, 3, 3, 3]), 1, 1, 1);
+        let (dw, db) = weight_grad(&[], &[], &g);
+        assert_eq!((dw, db), (vec![0.0; 4 * 27], vec![0.0; 4]));
+        assert!(forward(&[], &values(4 * 27, 1), None, &g).is_empty());
+    }
+
+    #[test]
     fn transpose_matches_its_definition() {
         for (rows, cols, stride) in [(8, 8, 8), (16, 24, 30), (19, 13, 13), (5, 33, 40), (32, 16, 256), (1, 9, 9), (9, 1, 4)] {
             let src = values((rows - 1) * stride + cols, 9);
@@ -850,19 +873,26 @@ mod tests {
 
     #[test]
     fn bands_and_parts_change_nothing_but_the_order_of_sums() {
-        // An input large enough for several row bands per image (COL_BLOCK) and a batch that
-        // does not divide into WEIGHT_GRAD_PARTS parts evenly.
-        let g = Geometry::new(&Shape::from([11, 64, 40, 40]), &Shape::from([8, 64, 3, 3]), 1, 1, 1);
-        assert!(g.band_rows() < g.ho, "one band per image: the test would not cover bands");
-        let x = values(11 * 64 * 40 * 40, 4);
-        let weight = values(8 * 64 * 9, 5);
-        let dy = values(11 * 8 * 40 * 40, 6);
-        let bias = values(8, 7);
-        let (y, dx, dw, db) = direct(&x, &weight, &bias, &dy, &g);
-        let (got_dw, got_db) = weight_grad(&x, &dy, &g);
-        assert!(rel_error(&forward(&x, &weight, Some(&bias), &g), &y) < 1e-6);
-        assert!(rel_error(&input_grad(&weight, &dy, &g), &dx) < 1e-6);
-        assert!(rel_error(&got_dw, &dw) < 1e-6);
-        assert!(rel_error(&got_db, &db) < 1e-6);
+        // Inputs large enough for several row bands per image (COL_BLOCK), 3x3 and pointwise
+        // (whose windows are the input itself), and a batch that does not divide into
+        // WEIGHT_GRAD_PARTS parts evenly. The pointwise case's float32 sums run over 4000
+        // channels, hence its looser bound (the forward pass, unchanged by im2row, is 1.3e-6 off).
+        for (n, c, h, o, k, pad, tolerance) in [(11, 64, 40, 8, 3, 1, 1e-6), (3, 4000, 12, 3, 1, 0, 4e-6)] {
+            let g = Geometry::new(&Shape::from([n, c, h, h]), &Shape::from([o, c, k, k]), 1, pad, pad);
+            assert!(g.band_rows() < g.ho, "one band per image: the test would not cover bands");
+            let x = values(n * c * h * h, 4);
+            let weight = values(o * c * k * k, 5);
+            let dy = values(n * o * h * h, 6);
+            let bias = values(o, 7);
+            let (y, dx, dw, db) = direct(&x, &weight, &bias, &dy, &g);
+            let (got_dw, got_db) = weight_grad(&x, &dy, &g);
+            let errors = [
+                rel_error(&forward(&x, &weight, Some(&bias), &g), &y),
+                rel_error(&input_grad(&weight, &dy, &g), &dx),
+                rel_error(&got_dw, &dw),
+                rel_error(&got_db, &db),
+            ];
+            assert!(errors.iter().all(|e| *e < tolerance), "{g:?}: relative errors {errors:?}");
+        }
     }
 }

