@@ -25,7 +25,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
-use crate::cpu_conv::{assume_init, contiguous, uninit};
+use crate::cpu_conv::{assume_init, contiguous, lane_sum, uninit};
 use crate::cpu_silu::kernels;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -109,21 +109,6 @@ impl Sizes {
     fn first_channel(&self, unit: usize) -> usize {
         unit / self.groups * self.c + unit % self.groups * (self.c / self.groups)
     }
-}
-
-/// The sum of `f(x[i], y[i])` in eight interleaved lanes (vectorises; a fixed order, so
-/// deterministic).
-#[inline(always)]
-fn lane_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (xs, ys) = (x.chunks_exact(8), y.chunks_exact(8));
-    let tail: f32 = xs.remainder().iter().zip(ys.remainder()).map(|(a, b)| f(*a, *b)).sum();
-    for (xc, yc) in xs.zip(ys) {
-        for i in 0..8 {
-            lanes[i] += f(xc[i], yc[i]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// A unit's mean and 1 / sqrt(var + eps), by two passes.
