@@ -13,8 +13,9 @@
 //! and the sums over pixels that the broadcast scale and shift need backward). `nn::GroupNorm`
 //! folds its weight and bias into those [N, C] values with small tensor ops.
 //!
-//! `nn::GroupNorm` sends float32 flex tensors here; other backends and dtypes keep the
-//! composite (calling this on another backend panics: it is registered for flex only).
+//! `nn::GroupNorm` sends float32 flex tensors here, and CubeCL (CUDA) tensors to the same
+//! operation's CubeCL kernels (`cube_group_norm`, in float32); other backends keep the
+//! composite (calling this on another backend panics: it is registered for those two only).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -33,7 +34,8 @@ use std::mem::MaybeUninit;
 /// Group norm of `x` [N, C, ...] over `groups` groups of channels, then the per-sample,
 /// per-channel affine `scale` and `shift` [N, C]: z = (x - mean) / sqrt(var + eps) * scale +
 /// shift, var biased (as PyTorch's). The output is z, or silu(z) where `silu`.
-#[backend_extension(Flex, Autodiff)]
+// CubeCL (`cube_group_norm`) without Burn's fusion only, as `fused_update`.
+#[backend_extension(Flex, Cube: cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion"))), Autodiff)]
 pub trait GroupNormBackend: Backend {
     fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self>;
 
@@ -304,7 +306,7 @@ impl<B: Backend + GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for 
 }
 
 /// Group norm of `x` [N, C, H, W] with the per-sample affine `scale`, `shift` [N, C], then SiLU
-/// where `silu`, through `GroupNormBackend` (differentiable; flex, float32).
+/// where `silu`, through `GroupNormBackend` (differentiable; float32, on flex or CubeCL).
 pub fn group_norm(x: Tensor<4>, scale: Tensor<2>, shift: Tensor<2>, groups: usize, eps: f64, silu: bool) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as GroupNormBackend>::group_norm(x.into_dispatch(), scale.into_dispatch(), shift.into_dispatch(), groups, eps, silu))
 }

@@ -3,13 +3,15 @@
 //! Every network is backend-agnostic: the backend is the `Device` its tensors live on.
 
 pub mod config;
-pub mod cpu_adam;
+pub mod fused_update;
 mod cpu_cat;
 pub mod cpu_conv;
 mod cpu_exp;
 pub mod cpu_attention;
 pub mod cpu_resample;
 pub mod cpu_group_norm;
+#[cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion")))]
+mod cube_group_norm;
 pub mod cpu_silu;
 pub mod dhariwal;
 pub mod gemm_conv;

@@ -355,6 +355,19 @@ fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && x.device().inner() == Device::flex()
 }
 
+/// Whether this crate's CubeCL kernels (`cube_group_norm`, `fused_update`) run on `device` (or
+/// on the device it wraps for autodiff): a CubeCL device (CUDA) in a build without Burn's
+/// fusion, which records operations for its own kernels instead.
+pub fn cube_kernels(device: &Device) -> bool {
+    #[cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion")))]
+    return matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Cube(_));
+    #[cfg(not(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion"))))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// `a` [N, Ca, H, W] and `b` [N, Cb, H, W] concatenated along the channels (a UNet decoder's
 /// skip connection): one parallel copy each way on flex (`cpu_cat`), Burn's `cat` elsewhere.
 pub fn cat_channels(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
@@ -426,6 +439,9 @@ impl GroupNorm {
             let (scale, shift) = self.per_sample_affine(x.dims()[0], None);
             return crate::cpu_group_norm::group_norm(x, scale, shift, self.num_groups, self.eps, false);
         }
+        if cube_kernels(&x.device()) {
+            return self.cube_kernel(x, None, false);
+        }
         let [n, c, h, w] = x.dims();
         let dtype = x.dtype();
         let g = self.num_groups;
@@ -448,11 +464,24 @@ impl GroupNorm {
             let (scale, shift) = self.per_sample_affine(x.dims()[0], scale_shift);
             return crate::cpu_group_norm::group_norm(x, scale, shift, self.num_groups, self.eps, true);
         }
+        if cube_kernels(&x.device()) {
+            return self.cube_kernel(x, scale_shift, true);
+        }
         let y = self.forward(x);
         match scale_shift {
             Some((scale, shift)) => silu(shift.unsqueeze_dims::<4>(&[2, 3]) + y * scale.unsqueeze_dims::<4>(&[2, 3]).add_scalar(1.0)),
             None => silu(y),
         }
+    }
+
+    /// The norm (and SiLU) as one CubeCL kernel each way (`cube_group_norm`; a dozen or more
+    /// launches each way as the composite), in float32 whatever the activations' dtype, which
+    /// it returns.
+    fn cube_kernel(&self, x: Tensor<4>, scale_shift: Option<(Tensor<2>, Tensor<2>)>, silu: bool) -> Tensor<4> {
+        let dtype = x.dtype();
+        let scale_shift = scale_shift.map(|(scale, shift)| (scale.cast(FloatDType::F32), shift.cast(FloatDType::F32)));
+        let (scale, shift) = self.per_sample_affine(x.dims()[0], scale_shift);
+        crate::cpu_group_norm::group_norm(x.cast(FloatDType::F32), scale, shift, self.num_groups, self.eps, silu).cast(dtype)
     }
 
     /// The norm's affine weight and bias for each of `n` samples ([N, C]), with the adaptive

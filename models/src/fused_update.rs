@@ -1,0 +1,384 @@
+//! The per-parameter updates of training, each as one kernel per parameter: Adam's and
+//! AdamW's step and the EMA's average; a parallel pass on Burn's flex CPU backend, a CubeCL
+//! kernel on CUDA.
+//!
+//! Burn's `Adam` and `AdamW` update each parameter with about fifteen tensor ops (two moments,
+//! bias corrections, square root, division, decay), each a fresh allocation; the EMA takes
+//! three. On flex each is a single-threaded pass: Adam was 2.7 ms of adm_tiny's ~120 ms
+//! training step, with one core idle. On CUDA each is a kernel launch: ~7800 launches per
+//! Adam step for ImageNet-64's ADM (~600 tensors), 227 of its 667 ms teacher step on an H100,
+//! where the arithmetic is ~20 ms of memory traffic. Here one kernel reads each input once and
+//! writes each output once, with the same float32 operations in the same order as Burn's ops:
+//! on flex the results are the same bits (`experiments/src/optim.rs` and `ema.rs` test that
+//! against Burn's optimisers and ops); a GPU compiler may contract a multiply-add, so CUDA
+//! agrees to rounding.
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Backend, Dispatch, Flex};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn_flex::FlexTensor;
+use crate::cpu_conv::{assume_init, contiguous, uninit};
+use rayon::prelude::*;
+
+/// One step's constants. With m1 = beta_1 m1 + (1 - beta_1) g and m2 = beta_2 m2 +
+/// (1 - beta_2) g^2 the update is param * decay - lr * ((m1 * m1_scale) / m1_divisor) /
+/// (sqrt(m2 / m2_divisor) + epsilon). Burn's Adam is m1_scale = sqrt(1 - beta_2^t) /
+/// (1 - beta_1^t), divisors 1 and epsilon * sqrt(1 - beta_2^t); its AdamW is m1_scale 1,
+/// divisors 1 - beta^t and the decay 1 - lr * weight_decay (multiplying or dividing by 1 is
+/// exact, so each form keeps its own rounding).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub m1_scale: f32,
+    pub m1_divisor: f32,
+    pub m2_divisor: f32,
+    pub epsilon: f32,
+    pub decay: f32,
+    pub lr: f32,
+}
+
+// On CubeCL without Burn's fusion only: with fusion the CubeCL device runs through `Fusion`,
+// which fuses Burn's own update ops instead.
+#[backend_extension(Flex, Cube: cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion"))))]
+pub trait UpdateBackend: Backend {
+    /// (param, m1, m2) after one step (see [`AdamStep`]).
+    #[allow(clippy::too_many_arguments)]
+    fn adam_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m1: FloatTensor<Self>,
+        m2: FloatTensor<Self>,
+        beta_1: f32,
+        beta_2: f32,
+        m1_scale: f32,
+        m1_divisor: f32,
+        m2_divisor: f32,
+        epsilon: f32,
+        decay: f32,
+        lr: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// ema * beta + net * one_minus_beta.
+    fn ema_update(ema: FloatTensor<Self>, net: FloatTensor<Self>, beta: f32, one_minus_beta: f32) -> FloatTensor<Self>;
+}
+
+/// Elements per parallel task on flex.
+const CHUNK: usize = 1 << 14;
+
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("fused_update on flex: contiguous float32 tensors")
+}
+
+impl UpdateBackend for Flex {
+    fn adam_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m1: FloatTensor<Self>,
+        m2: FloatTensor<Self>,
+        beta_1: f32,
+        beta_2: f32,
+        m1_scale: f32,
+        m1_divisor: f32,
+        m2_divisor: f32,
+        epsilon: f32,
+        decay: f32,
+        lr: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let s = AdamStep { beta_1, beta_2, m1_scale, m1_divisor, m2_divisor, epsilon, decay, lr };
+        let [param, grad, m1, m2] = [param, grad, m1, m2].map(|t| contiguous(&t));
+        let (p, g, a, b) = (f32s(&param), f32s(&grad), f32s(&m1), f32s(&m2));
+        let (mut new_p, mut new_a, mut new_b) = (uninit(p.len()), uninit(p.len()), uninit(p.len()));
+        new_p
+            .par_chunks_mut(CHUNK)
+            .zip(new_a.par_chunks_mut(CHUNK))
+            .zip(new_b.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(i, ((np, na), nb))| {
+                let r = i * CHUNK..i * CHUNK + np.len();
+                for (k, j) in r.enumerate() {
+                    // Burn's order: m * beta + g * (1 - beta), then the update.
+                    let m1 = a[j] * s.beta_1 + g[j] * (1.0 - s.beta_1);
+                    let m2 = b[j] * s.beta_2 + (g[j] * g[j]) * (1.0 - s.beta_2);
+                    let update = ((m1 * s.m1_scale) / s.m1_divisor) / ((m2 / s.m2_divisor).sqrt() + s.epsilon);
+                    np[k].write(p[j] * s.decay - update * s.lr);
+                    na[k].write(m1);
+                    nb[k].write(m2);
+                }
+            });
+        let shape = param.layout().shape().clone();
+        // Safety: every chunk writes all its values.
+        let tensor = |v| FlexTensor::from_data(TensorData::new(unsafe { assume_init(v) }, shape.clone()));
+        (tensor(new_p), tensor(new_a), tensor(new_b))
+    }
+
+    fn ema_update(ema: FloatTensor<Self>, net: FloatTensor<Self>, beta: f32, one_minus_beta: f32) -> FloatTensor<Self> {
+        let [ema, net] = [ema, net].map(|t| contiguous(&t));
+        let (e, n) = (f32s(&ema), f32s(&net));
+        let mut out = uninit(e.len());
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+            let r = i * CHUNK..i * CHUNK + o.len();
+            for ((o, e), n) in o.iter_mut().zip(&e[r.clone()]).zip(&n[r]) {
+                // Burn's order: ema * beta + net * (1 - beta).
+                o.write(e * beta + n * one_minus_beta);
+            }
+        });
+        // Safety: every chunk writes all its values.
+        FlexTensor::from_data(TensorData::new(unsafe { assume_init(out) }, ema.layout().shape().clone()))
+    }
+}
+
+#[cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion")))]
+mod cube {
+    use super::UpdateBackend;
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::TensorMetadata;
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::prelude::*;
+    use burn_cubecl::kernel::into_contiguous;
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::CubeBackend;
+
+    /// One thread per element; the same operations in the same order as the flex kernel.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn adam_kernel(
+        param: &Tensor<f32>,
+        grad: &Tensor<f32>,
+        m1: &Tensor<f32>,
+        m2: &Tensor<f32>,
+        new_param: &mut Tensor<f32>,
+        new_m1: &mut Tensor<f32>,
+        new_m2: &mut Tensor<f32>,
+        beta_1: f32,
+        one_minus_beta_1: f32,
+        beta_2: f32,
+        one_minus_beta_2: f32,
+        m1_scale: f32,
+        m1_divisor: f32,
+        m2_divisor: f32,
+        epsilon: f32,
+        decay: f32,
+        lr: f32,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i < param.len() {
+            let g = grad[i];
+            let a = m1[i] * beta_1 + g * one_minus_beta_1;
+            let b = m2[i] * beta_2 + (g * g) * one_minus_beta_2;
+            let update = ((a * m1_scale) / m1_divisor) / (f32::sqrt(b / m2_divisor) + epsilon);
+            new_param[i] = param[i] * decay - update * lr;
+            new_m1[i] = a;
+            new_m2[i] = b;
+        }
+    }
+
+    #[cube(launch)]
+    fn ema_kernel(ema: &Tensor<f32>, net: &Tensor<f32>, out: &mut Tensor<f32>, beta: f32, one_minus_beta: f32) {
+        let i = ABSOLUTE_POS;
+        if i < ema.len() {
+            out[i] = ema[i] * beta + net[i] * one_minus_beta;
+        }
+    }
+
+    /// An uninitialised contiguous tensor shaped like `like`.
+    fn empty_like(like: &CubeTensor) -> CubeTensor {
+        empty_device_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
+    }
+
+    /// The launch grid of one thread per element of `t`.
+    fn grid(t: &CubeTensor) -> (CubeCount, CubeDim) {
+        let n = t.shape().num_elements();
+        let cube_dim = CubeDim::new(&t.client, n);
+        (cubecl::calculate_cube_count_elemwise(&t.client, n, cube_dim), cube_dim)
+    }
+
+    impl UpdateBackend for CubeBackend {
+        fn adam_update(
+            param: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            m1: FloatTensor<Self>,
+            m2: FloatTensor<Self>,
+            beta_1: f32,
+            beta_2: f32,
+            m1_scale: f32,
+            m1_divisor: f32,
+            m2_divisor: f32,
+            epsilon: f32,
+            decay: f32,
+            lr: f32,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            // The kernel indexes every tensor by the same linear position.
+            let [param, grad, m1, m2] = [param, grad, m1, m2].map(into_contiguous);
+            let client = param.client.clone();
+            let (new_param, new_m1, new_m2) = (empty_like(&param), empty_like(&param), empty_like(&param));
+            let (cube_count, cube_dim) = grid(&param);
+            adam_kernel::launch(
+                &client,
+                cube_count,
+                cube_dim,
+                param.into_tensor_arg(),
+                grad.into_tensor_arg(),
+                m1.into_tensor_arg(),
+                m2.into_tensor_arg(),
+                new_param.clone().into_tensor_arg(),
+                new_m1.clone().into_tensor_arg(),
+                new_m2.clone().into_tensor_arg(),
+                beta_1,
+                1.0 - beta_1,
+                beta_2,
+                1.0 - beta_2,
+                m1_scale,
+                m1_divisor,
+                m2_divisor,
+                epsilon,
+                decay,
+                lr,
+            );
+            (new_param, new_m1, new_m2)
+        }
+
+        fn ema_update(ema: FloatTensor<Self>, net: FloatTensor<Self>, beta: f32, one_minus_beta: f32) -> FloatTensor<Self> {
+            let [ema, net] = [ema, net].map(into_contiguous);
+            let client = ema.client.clone();
+            let out = empty_like(&ema);
+            let (cube_count, cube_dim) = grid(&ema);
+            ema_kernel::launch(&client, cube_count, cube_dim, ema.into_tensor_arg(), net.into_tensor_arg(), out.clone().into_tensor_arg(), beta, one_minus_beta);
+            out
+        }
+    }
+}
+
+/// Whether [`adam_update`] and [`ema_update`] take `t`: a float32 tensor not tracked by
+/// autodiff (as the optimisers' and the EMA's are) on flex, or on a CubeCL device (CUDA) in a
+/// build without Burn's fusion (which fuses Burn's own update ops into a few kernels instead).
+pub fn takes<const D: usize>(t: &Tensor<D>) -> bool {
+    let device = t.device();
+    t.dtype() == DType::F32 && (device == Device::flex() || (!device.is_autodiff() && crate::nn::cube_kernels(&device)))
+}
+
+/// The step on a parameter, its gradient and moments, all of which [`takes`]: (param, m1, m2).
+pub fn adam_update<const D: usize>(param: Tensor<D>, grad: Tensor<D>, m1: Tensor<D>, m2: Tensor<D>, s: AdamStep) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let (p, a, b) = <Dispatch as UpdateBackend>::adam_update(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        m1.into_dispatch(),
+        m2.into_dispatch(),
+        s.beta_1,
+        s.beta_2,
+        s.m1_scale,
+        s.m1_divisor,
+        s.m2_divisor,
+        s.epsilon,
+        s.decay,
+        s.lr,
+    );
+    (Tensor::from_dispatch(p), Tensor::from_dispatch(a), Tensor::from_dispatch(b))
+}
+
+/// `ema * beta + net * (1 - beta)` with both factors rounded to float32 as Burn's `mul_scalar`
+/// rounds them, for tensors [`takes`] takes.
+pub fn ema_update<const D: usize>(ema: Tensor<D>, net: Tensor<D>, beta: f64) -> Tensor<D> {
+    let out = <Dispatch as UpdateBackend>::ema_update(ema.into_dispatch(), net.into_dispatch(), beta as f32, (1.0 - beta) as f32);
+    Tensor::from_dispatch(out)
+}
+
+/// The CubeCL kernels on CubeCL's CPU runtime (`cargo test -p dmd-models --features cube-cpu`:
+/// the same kernel source the CUDA build compiles, here through LLVM; not part of CI, whose
+/// 2-core budget the extra LLVM-linked build would not fit) against the update's definition
+/// in float64. LLVM contracts the kernels' multiply-adds into fused ones (as a GPU compiler
+/// may), so the results are not the flex kernel's bits (those `experiments/src/optim.rs` and
+/// `ema.rs` check against Burn's ops): each value must lie within a few float32 roundings of
+/// its terms' magnitudes of the definition.
+#[cfg(all(test, feature = "cube-cpu"))]
+mod cube_tests {
+    use super::*;
+
+    /// float32 rounding, with room for the few roundings of each step.
+    const ROUNDING: f64 = 8.0 * f32::EPSILON as f64;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        (0..len as u64).map(|i| ((i * 2654435761 + seed * 40503) % 65536) as f32 / 32768.0 - 1.0).collect()
+    }
+
+    /// A [rows, cols] tensor of `values`, or (`transposed`) the transpose of a [cols, rows]
+    /// one: not contiguous.
+    fn tensor(rows: usize, cols: usize, seed: u64, transposed: bool, device: &Device) -> Tensor<2> {
+        if transposed {
+            Tensor::<2>::from_data(TensorData::new(values(rows * cols, seed), [cols, rows]), device).transpose()
+        } else {
+            Tensor::<2>::from_data(TensorData::new(values(rows * cols, seed), [rows, cols]), device)
+        }
+    }
+
+    fn f64s(t: Tensor<2>) -> Vec<f64> {
+        t.into_data().try_to_vec::<f32>().unwrap().into_iter().map(f64::from).collect()
+    }
+
+    /// `got` against `want` with per-value bounds `tol`.
+    fn assert_within(what: &str, got: &[f64], want: &[f64], tol: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let bad: Vec<_> = (0..got.len()).filter(|&k| !((got[k] - want[k]).abs() <= tol[k])).collect();
+        if let Some(&k) = bad.first() {
+            panic!("{what}: {} of {} values off the definition; value {k}: {} against {} (bound {:e})", bad.len(), got.len(), got[k], want[k], tol[k]);
+        }
+    }
+
+    /// An odd size, one spanning many cubes, and a non-contiguous input.
+    const SHAPES: [(usize, usize, bool); 3] = [(37, 41, false), (613, 499, false), (64, 96, true)];
+
+    #[test]
+    fn the_cubecl_adam_kernel_computes_the_step() {
+        let adam = AdamStep { beta_1: 0.9, beta_2: 0.999, m1_scale: 0.0316, m1_divisor: 1.0, m2_divisor: 1.0, epsilon: 3.2e-10, decay: 1.0, lr: 1e-3 };
+        let adamw = AdamStep { beta_1: 0.0, beta_2: 0.99, m1_scale: 1.0, m1_divisor: 0.19, m2_divisor: 0.0199, epsilon: 1e-8, decay: 0.99999, lr: 2e-4 };
+        let device = Device::cpu();
+        for (rows, cols, transposed) in SHAPES {
+            for (name, s) in [("Adam", adam), ("AdamW", adamw)] {
+                let t = |seed| tensor(rows, cols, seed, false, &device);
+                // Second moments are non-negative.
+                let (param, grad, m1, m2) = (t(1), tensor(rows, cols, 2, transposed, &device), t(3), t(4).abs());
+                assert!(takes(&param) && takes(&grad), "adam_update does not take tensors on {device:?}");
+                let (p, g, a, b) = (f64s(param.clone()), f64s(grad.clone()), f64s(m1.clone()), f64s(m2.clone()));
+                let (new_p, new_a, new_b) = adam_update(param, grad, m1, m2, s);
+                let [beta_1, beta_2, m1_scale, m1_divisor, m2_divisor, epsilon, decay, lr] = [s.beta_1, s.beta_2, s.m1_scale, s.m1_divisor, s.m2_divisor, s.epsilon, s.decay, s.lr].map(f64::from);
+                let (one_1, one_2) = (f64::from(1.0 - s.beta_1), f64::from(1.0 - s.beta_2));
+                let n = p.len();
+                let (mut want, mut tol) = ([vec![0.0; n], vec![0.0; n], vec![0.0; n]], [vec![0.0; n], vec![0.0; n], vec![0.0; n]]);
+                for k in 0..n {
+                    let m1 = a[k] * beta_1 + g[k] * one_1;
+                    let m1_tol = ROUNDING * ((a[k] * beta_1).abs() + (g[k] * one_1).abs());
+                    let m2 = b[k] * beta_2 + g[k] * g[k] * one_2;
+                    // Non-negative terms: no cancellation.
+                    let m2_tol = ROUNDING * m2;
+                    let denominator = (m2 / m2_divisor).sqrt() + epsilon;
+                    let update = m1 * m1_scale / m1_divisor / denominator;
+                    let update_tol = m1_tol * m1_scale / m1_divisor / denominator + 2.0 * ROUNDING * update.abs();
+                    want[0][k] = p[k] * decay - update * lr;
+                    tol[0][k] = ROUNDING * ((p[k] * decay).abs() + (update * lr).abs()) + update_tol * lr;
+                    (want[1][k], tol[1][k], want[2][k], tol[2][k]) = (m1, m1_tol, m2, m2_tol);
+                }
+                let what = |w: &str| format!("{name} {rows}x{cols}, {w}");
+                assert_within(&what("parameter"), &f64s(new_p), &want[0], &tol[0]);
+                assert_within(&what("first moment"), &f64s(new_a), &want[1], &tol[1]);
+                assert_within(&what("second moment"), &f64s(new_b), &want[2], &tol[2]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_cubecl_ema_kernel_computes_the_average() {
+        let device = Device::cpu();
+        for (rows, cols, transposed) in SHAPES {
+            for beta in [0.0, 0.999, 0.99993] {
+                let (ema, net) = (tensor(rows, cols, 5, false, &device), tensor(rows, cols, 6, transposed, &device));
+                let (e, n) = (f64s(ema.clone()), f64s(net.clone()));
+                let got = f64s(ema_update(ema, net, beta));
+                let (b, one_b) = (f64::from(beta as f32), f64::from((1.0 - beta) as f32));
+                let want: Vec<f64> = e.iter().zip(&n).map(|(e, n)| e * b + n * one_b).collect();
+                let tol: Vec<f64> = e.iter().zip(&n).map(|(e, n)| ROUNDING * ((e * b).abs() + (n * one_b).abs())).collect();
+                assert_within(&format!("EMA {rows}x{cols} at beta {beta}"), &got, &want, &tol);
+            }
+        }
+    }
+}
