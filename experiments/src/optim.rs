@@ -40,8 +40,8 @@ pub fn grad_norm<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
 /// parameter: ~600 on ImageNet's ADM, each a stall on a GPU). On the CPU backends each
 /// parameter's sum is taken on the device and the sums are added in float64 on the host, in
 /// parameter order. On a GPU, where every tensor op is a kernel launch (~30 us each on the
-/// H100 here), the flattened gradients are concatenated and summed once: N + 2 launches
-/// instead of ~3N.
+/// H100 here), the flattened gradients are concatenated and summed once in float32: N + 2
+/// launches instead of ~3N, for a transient copy of all gradients (and its squares).
 fn sum_squares<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
     sum_squares_as(grads, module, None)
 }
@@ -58,7 +58,7 @@ fn sum_squares_as<M: Module>(grads: &GradientsParams, module: &M, on_gpu: Option
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
                 let on_gpu = *self.on_gpu.get_or_insert_with(|| launch_bound(&g.device()));
-                self.parts.push(if on_gpu { g.flatten(0, D - 1) } else { g.square().sum().cast(FloatDType::F32) });
+                self.parts.push(if on_gpu { g.flatten(0, D - 1).cast(FloatDType::F32) } else { g.square().sum().cast(FloatDType::F32) });
             }
         }
     }
@@ -66,7 +66,7 @@ fn sum_squares_as<M: Module>(grads: &GradientsParams, module: &M, on_gpu: Option
     module.visit(&mut c);
     let sums = match c.on_gpu {
         None => return 0.0,
-        Some(true) => Tensor::cat(c.parts, 0).cast(FloatDType::F32).square().sum(),
+        Some(true) => Tensor::cat(c.parts, 0).square().sum(),
         Some(false) => Tensor::cat(c.parts, 0),
     };
     sums.into_data().iter::<f32>().map(f64::from).sum()
@@ -228,7 +228,7 @@ mod tests {
         let device = Device::flex();
         let values = |len: usize, seed: u64| (0..len as u64).map(|i| ((i * 2654435761 + seed * 40503) % 65536) as f32 / 32768.0 - 1.0).collect::<Vec<f32>>();
         let tensor = |seed: u64| Tensor::<2>::from_data(TensorData::new(values(37 * 41, seed), [37, 41]), &device);
-        let bits = |t: &Tensor<2>| t.to_data().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits = |t: &Tensor<2>| t.to_data().try_to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let burn_adam = AdamConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).build();
         let fused_adam = FusedAdam { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, burn: burn_adam.clone() };
         let burn_adamw = AdamWConfig::new().with_beta_1(0.0).with_beta_2(0.99).with_epsilon(1e-8).with_weight_decay(0.01).build();

@@ -410,7 +410,7 @@ mod tests {
                         (0..50)
                             .map(|round| {
                                 let t = Tensor::<1>::from_data(TensorData::new(vec![r.rank as f32 + round as f32, 1.0], [2]), device);
-                                r.sum(t).into_data().to_vec::<f32>().unwrap()[0]
+                                r.sum(t).into_data().try_to_vec::<f32>().unwrap()[0]
                             })
                             .collect::<Vec<f32>>()
                     })

@@ -34,8 +34,8 @@ use std::mem::MaybeUninit;
 /// Group norm of `x` [N, C, ...] over `groups` groups of channels, then the per-sample,
 /// per-channel affine `scale` and `shift` [N, C]: z = (x - mean) / sqrt(var + eps) * scale +
 /// shift, var biased (as PyTorch's). The output is z, or silu(z) where `silu`.
-// CubeCL (`cube_group_norm`) without Burn's fusion only, as `fused_update`.
-#[backend_extension(Flex, Cube: cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion"))), Autodiff)]
+// CubeCL: `cube_group_norm` (see models/build.rs for `cube_kernels`).
+#[backend_extension(Flex, Cube: cfg(cube_kernels), Autodiff)]
 pub trait GroupNormBackend: Backend {
     fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self>;
 
@@ -312,10 +312,10 @@ pub fn group_norm(x: Tensor<4>, scale: Tensor<2>, shift: Tensor<2>, groups: usiz
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
+    pub(crate) fn values(len: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
         (0..len as u64).map(|i| offset + scale * (((i.wrapping_mul(2654435761).wrapping_add(seed * 40503) % 65536) as f32 / 65536.0) - 0.5)).collect()
     }
 
@@ -350,7 +350,7 @@ mod tests {
         [y, dx, dscale, dshift]
     }
 
-    fn rel_error(got: &[f32], want: &[f64]) -> f64 {
+    pub(crate) fn rel_error(got: &[f32], want: &[f64]) -> f64 {
         let num: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
         (num / want.iter().map(|b| b * b).sum::<f64>()).sqrt()
     }

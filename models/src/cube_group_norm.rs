@@ -11,13 +11,12 @@
 //! recomputes the statistics, sums dz and dz x^ per channel, then writes dx.
 
 use crate::cpu_group_norm::GroupNormBackend;
+use crate::fused_update::cube::{empty, f32_contiguous};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::TensorMetadata;
 use burn::tensor::Shape;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
-use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 
@@ -70,15 +69,21 @@ fn sigmoid(z: f32) -> f32 {
     1.0f32 / (1.0f32 + f32::exp(-z))
 }
 
-/// One cube per (sample, group) unit; units are sample-major and contiguous in `x`.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-fn forward_kernel(x: &Tensor<f32>, scale: &Tensor<f32>, shift: &Tensor<f32>, y: &mut Tensor<f32>, groups: usize, channels: usize, hw: usize, eps: f32, #[comptime] silu: bool, #[comptime] threads: usize) {
+/// This cube's (sample, group) unit: its length, its start in `x` (units are sample-major and
+/// contiguous) and the [N, C] index of its first channel.
+#[cube]
+fn this_unit(groups: usize, channels: usize, hw: usize) -> (usize, usize, usize) {
     let unit = CUBE_POS as usize;
     let per_group = channels / groups;
     let len = per_group * hw;
-    let start = unit * len;
-    let first = unit / groups * channels + unit % groups * per_group;
+    (len, unit * len, unit / groups * channels + unit % groups * per_group)
+}
+
+/// One cube per (sample, group) unit.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn forward_kernel(x: &Tensor<f32>, scale: &Tensor<f32>, shift: &Tensor<f32>, y: &mut Tensor<f32>, groups: usize, channels: usize, hw: usize, eps: f32, #[comptime] silu: bool, #[comptime] threads: usize) {
+    let (len, start, first) = this_unit(groups, channels, hw);
     let mut shared = Shared::new_slice(threads);
     let (mean, inv_std) = statistics(x, start, len, eps, &mut shared, threads);
     let mut i = UNIT_POS as usize;
@@ -125,12 +130,9 @@ fn backward_kernel(
     #[comptime] silu: bool,
     #[comptime] threads: usize,
 ) {
-    let unit = CUBE_POS as usize;
     let t = UNIT_POS as usize;
     let per_group = channels / groups;
-    let len = per_group * hw;
-    let start = unit * len;
-    let first = unit / groups * channels + unit % groups * per_group;
+    let (len, start, first) = this_unit(groups, channels, hw);
     let mut shared = Shared::new_slice(threads);
     let (mean, inv_std) = statistics(x, start, len, eps, &mut shared, threads);
     let mut sum_g = 0.0f32;
@@ -172,10 +174,6 @@ fn backward_kernel(
     }
 }
 
-fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
-    empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
-}
-
 /// (N, C, values per channel) of `x` [N, C, ...], checking that C splits into `groups`.
 fn sizes(x: &CubeTensor, groups: usize) -> (usize, usize, usize) {
     let shape = x.shape();
@@ -194,8 +192,7 @@ fn launch_grid(x: &CubeTensor, n: usize, groups: usize) -> (CubeCount, CubeDim, 
 
 impl GroupNormBackend for CubeBackend {
     fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
-        // The kernels index every tensor by its contiguous position.
-        let [x, scale, shift] = [x, scale, shift].map(into_contiguous);
+        let [x, scale, shift] = [x, scale, shift].map(f32_contiguous);
         let (n, c, hw) = sizes(&x, groups);
         let y = empty(&x, x.shape());
         let (count, dim, threads) = launch_grid(&x, n, groups);
@@ -213,7 +210,7 @@ impl GroupNormBackend for CubeBackend {
         eps: f64,
         silu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let [x, scale, shift, grad] = [x, scale, shift, grad].map(into_contiguous);
+        let [x, scale, shift, grad] = [x, scale, shift, grad].map(f32_contiguous);
         let (n, c, hw) = sizes(&x, groups);
         let (dx, dscale, dshift) = (empty(&x, x.shape()), empty(&x, Shape::from([n, c])), empty(&x, Shape::from([n, c])));
         let (count, dim, threads) = launch_grid(&x, n, groups);
@@ -243,24 +240,21 @@ impl GroupNormBackend for CubeBackend {
 /// The kernels on CubeCL's CPU runtime (`--features cube-cpu`, see `fused_update`'s tests)
 /// against the flex kernels, which `cpu_group_norm`'s tests check against the definition.
 #[cfg(all(test, feature = "cube-cpu"))]
-mod tests {
+mod cube_tests {
     use crate::cpu_group_norm::group_norm;
+    use crate::cpu_group_norm::tests::values;
     use burn::tensor::{Device, Tensor, TensorData};
 
-    fn values(len: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
-        (0..len as u64).map(|i| offset + scale * (((i.wrapping_mul(2654435761).wrapping_add(seed * 40503) % 65536) as f32 / 65536.0) - 0.5)).collect()
-    }
-
+    /// The relative L2 error of `got` against the flex kernels' `want`.
     fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-        let num: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
-        (num / want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>()).sqrt()
+        crate::cpu_group_norm::tests::rel_error(got, &want.iter().map(|v| f64::from(*v)).collect::<Vec<_>>())
     }
 
     #[test]
     fn the_cubecl_group_norm_is_the_flex_one() {
         // (n, c, groups, h, w, mean offset): EDM's 32 channels in 8 groups; one group; two
-        // values per group; an offset mean; a unit of many cubes' widths (ImageNet-64's 192
-        // channels in 32 groups at 32x32); a 1x1 image.
+        // values per group; an offset mean; a unit of many times the cube's threads (ImageNet-64's
+        // 192 channels in 32 groups at 32x32); a 1x1 image.
         let cases = [(3, 32, 8, 7, 5, 0.0), (2, 6, 1, 4, 4, 0.0), (4, 6, 3, 1, 3, 0.0), (2, 8, 4, 8, 8, 100.0), (2, 192, 32, 32, 32, 0.0), (3, 16, 4, 1, 1, 0.0)];
         for ((n, c, groups, h, w, offset), silu) in cases.into_iter().flat_map(|case| [(case, false), (case, true)]) {
             let run = |device: &Device| {

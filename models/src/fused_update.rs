@@ -38,9 +38,8 @@ pub struct AdamStep {
     pub lr: f32,
 }
 
-// On CubeCL without Burn's fusion only: with fusion the CubeCL device runs through `Fusion`,
-// which fuses Burn's own update ops instead.
-#[backend_extension(Flex, Cube: cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion"))))]
+// CubeCL: `mod cube` below (see models/build.rs for `cube_kernels`).
+#[backend_extension(Flex, Cube: cfg(cube_kernels))]
 pub trait UpdateBackend: Backend {
     /// (param, m1, m2) after one step (see [`AdamStep`]).
     #[allow(clippy::too_many_arguments)]
@@ -128,11 +127,12 @@ impl UpdateBackend for Flex {
     }
 }
 
-#[cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion")))]
-mod cube {
+#[cfg(cube_kernels)]
+pub(crate) mod cube {
     use super::UpdateBackend;
     use burn::backend::tensor::FloatTensor;
     use burn::backend::TensorMetadata;
+    use burn::tensor::{DType, Shape};
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
     use burn_cubecl::kernel::into_contiguous;
@@ -182,9 +182,16 @@ mod cube {
         }
     }
 
-    /// An uninitialised contiguous tensor shaped like `like`.
-    fn empty_like(like: &CubeTensor) -> CubeTensor {
-        empty_device_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
+    /// An uninitialised contiguous tensor of `shape` on `like`'s device, in its dtype.
+    pub(crate) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
+        empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
+    }
+
+    /// `t` made contiguous (the kernels index every tensor by its contiguous position),
+    /// checked to be float32 (the kernels read every buffer as float32).
+    pub(crate) fn f32_contiguous(t: CubeTensor) -> CubeTensor {
+        assert_eq!(t.dtype, DType::F32, "this crate's CubeCL kernels take float32 tensors");
+        into_contiguous(t)
     }
 
     /// The launch grid of one thread per element of `t`.
@@ -209,10 +216,9 @@ mod cube {
             decay: f32,
             lr: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            // The kernel indexes every tensor by the same linear position.
-            let [param, grad, m1, m2] = [param, grad, m1, m2].map(into_contiguous);
+            let [param, grad, m1, m2] = [param, grad, m1, m2].map(f32_contiguous);
             let client = param.client.clone();
-            let (new_param, new_m1, new_m2) = (empty_like(&param), empty_like(&param), empty_like(&param));
+            let (new_param, new_m1, new_m2) = (empty(&param, param.shape()), empty(&param, param.shape()), empty(&param, param.shape()));
             let (cube_count, cube_dim) = grid(&param);
             adam_kernel::launch(
                 &client,
@@ -240,9 +246,9 @@ mod cube {
         }
 
         fn ema_update(ema: FloatTensor<Self>, net: FloatTensor<Self>, beta: f32, one_minus_beta: f32) -> FloatTensor<Self> {
-            let [ema, net] = [ema, net].map(into_contiguous);
+            let [ema, net] = [ema, net].map(f32_contiguous);
             let client = ema.client.clone();
-            let out = empty_like(&ema);
+            let out = empty(&ema, ema.shape());
             let (cube_count, cube_dim) = grid(&ema);
             ema_kernel::launch(&client, cube_count, cube_dim, ema.into_tensor_arg(), net.into_tensor_arg(), out.clone().into_tensor_arg(), beta, one_minus_beta);
             out
@@ -254,8 +260,9 @@ mod cube {
 /// autodiff (as the optimisers' and the EMA's are) on flex, or on a CubeCL device (CUDA) in a
 /// build without Burn's fusion (which fuses Burn's own update ops into a few kernels instead).
 pub fn takes<const D: usize>(t: &Tensor<D>) -> bool {
+    // `Device`'s equality ignores autodiff; the extension has no autodiff routing.
     let device = t.device();
-    t.dtype() == DType::F32 && (device == Device::flex() || (!device.is_autodiff() && crate::nn::cube_kernels(&device)))
+    t.dtype() == DType::F32 && !device.is_autodiff() && (device == Device::flex() || crate::nn::cube_kernels(&device))
 }
 
 /// The step on a parameter, its gradient and moments, all of which [`takes`]: (param, m1, m2).
@@ -303,12 +310,16 @@ mod cube_tests {
     }
 
     /// A [rows, cols] tensor of `values`, or (`transposed`) the transpose of a [cols, rows]
-    /// one: not contiguous.
-    fn tensor(rows: usize, cols: usize, seed: u64, transposed: bool, device: &Device) -> Tensor<2> {
+    /// one: not contiguous. Where `zeros`, every 7th stored value is 0.
+    fn tensor(rows: usize, cols: usize, seed: u64, transposed: bool, zeros: bool, device: &Device) -> Tensor<2> {
+        let mut v = values(rows * cols, seed);
+        if zeros {
+            v.iter_mut().step_by(7).for_each(|v| *v = 0.0);
+        }
         if transposed {
-            Tensor::<2>::from_data(TensorData::new(values(rows * cols, seed), [cols, rows]), device).transpose()
+            Tensor::<2>::from_data(TensorData::new(v, [cols, rows]), device).transpose()
         } else {
-            Tensor::<2>::from_data(TensorData::new(values(rows * cols, seed), [rows, cols]), device)
+            Tensor::<2>::from_data(TensorData::new(v, [rows, cols]), device)
         }
     }
 
@@ -335,9 +346,10 @@ mod cube_tests {
         let device = Device::cpu();
         for (rows, cols, transposed) in SHAPES {
             for (name, s) in [("Adam", adam), ("AdamW", adamw)] {
-                let t = |seed| tensor(rows, cols, seed, false, &device);
-                // Second moments are non-negative.
-                let (param, grad, m1, m2) = (t(1), tensor(rows, cols, 2, transposed, &device), t(3), t(4).abs());
+                let t = |seed, zeros| tensor(rows, cols, seed, transposed, zeros, &device);
+                // Second moments are non-negative. Where the gradient and the second moment
+                // are 0, epsilon alone bounds the step.
+                let (param, grad, m1, m2) = (t(1, false), t(2, true), t(3, false), t(4, true).abs());
                 assert!(takes(&param) && takes(&grad), "adam_update does not take tensors on {device:?}");
                 let (p, g, a, b) = (f64s(param.clone()), f64s(grad.clone()), f64s(m1.clone()), f64s(m2.clone()));
                 let (new_p, new_a, new_b) = adam_update(param, grad, m1, m2, s);
@@ -371,7 +383,7 @@ mod cube_tests {
         let device = Device::cpu();
         for (rows, cols, transposed) in SHAPES {
             for beta in [0.0, 0.999, 0.99993] {
-                let (ema, net) = (tensor(rows, cols, 5, false, &device), tensor(rows, cols, 6, transposed, &device));
+                let (ema, net) = (tensor(rows, cols, 5, false, false, &device), tensor(rows, cols, 6, transposed, false, &device));
                 let (e, n) = (f64s(ema.clone()), f64s(net.clone()));
                 let got = f64s(ema_update(ema, net, beta));
                 let (b, one_b) = (f64::from(beta as f32), f64::from((1.0 - beta) as f32));

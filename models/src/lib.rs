@@ -10,7 +10,7 @@ mod cpu_exp;
 pub mod cpu_attention;
 pub mod cpu_resample;
 pub mod cpu_group_norm;
-#[cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion")))]
+#[cfg(cube_kernels)]
 mod cube_group_norm;
 pub mod cpu_silu;
 pub mod dhariwal;

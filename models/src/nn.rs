@@ -357,11 +357,12 @@ fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
 
 /// Whether this crate's CubeCL kernels (`cube_group_norm`, `fused_update`) run on `device` (or
 /// on the device it wraps for autodiff): a CubeCL device (CUDA) in a build without Burn's
-/// fusion, which records operations for its own kernels instead.
+/// fusion, which records operations for its own kernels instead (`cfg(cube_kernels)`, set by
+/// models/build.rs).
 pub fn cube_kernels(device: &Device) -> bool {
-    #[cfg(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion")))]
+    #[cfg(cube_kernels)]
     return matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Cube(_));
-    #[cfg(not(all(any(feature = "cuda", feature = "cube-cpu"), not(feature = "fusion"))))]
+    #[cfg(not(cube_kernels))]
     {
         let _ = device;
         false
