@@ -424,7 +424,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let device = backend.device()?;
         let net = EdmPrecond::new(&cfg, &device, 0).with_bf16_body(args.bf16);
         let conv = backend.conv_impl()?;
-        println!("# {backend}: convolutions {conv:?}");
+        let cube_kernels = dmd_models::nn::cube_kernels(&device);
+        println!("# {backend}: convolutions {conv:?}{}", if cube_kernels { ", this project's CubeCL kernels (group norm, Adam, EMA)" } else { "" });
         if params.is_none() {
             params = Some(net.num_params());
             println!("# {:.1}M parameters; a DMD run's weights, gradients and AdamW moments: {:.2} GiB before activations", net.num_params() as f64 / 1e6, static_gib(net.num_params()));
@@ -539,6 +540,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             serde_json::json!({
                 "ops": ops,
                 "conv": conv,
+                "cube_kernels": cube_kernels,
                 "denoise_fwd_ms": fwd_s * 1000.0,
                 "denoise_images_per_s": args.batch as f64 / fwd_s,
                 "teacher_step_ms": train_s.map(|s| s * 1000.0),

@@ -40,6 +40,7 @@ impl Backend {
     /// depends on the backend (`conv_impl`).
     pub fn device_at(self, index: usize) -> Result<Device> {
         dmd_models::nn::set_conv_impl(self.conv_impl()?);
+        dmd_models::nn::set_cube_kernels(cube_kernels()?);
         Ok(match self {
             Self::Cpu => Device::flex(),
             // Deprecated upstream in favour of flex; kept for users' deterministic tests.
@@ -68,6 +69,21 @@ impl Backend {
     }
 }
 
+/// `DMD_CUBE_KERNELS=on|off` (default on): this project's CubeCL kernels on CUDA (group norm +
+/// SiLU, the Adam/AdamW and EMA updates; `models/src/cube_group_norm.rs`, `fused_update.rs`);
+/// off runs Burn's ops there instead, for comparisons. The CPU backends ignore it.
+pub fn cube_kernels() -> Result<bool> {
+    parse_cube_kernels(&std::env::var("DMD_CUBE_KERNELS").unwrap_or_default())
+}
+
+fn parse_cube_kernels(value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "on" => Ok(true),
+        "off" => Ok(false),
+        other => anyhow::bail!("DMD_CUBE_KERNELS={other:?}: expected `on` or `off`"),
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(index: usize) -> Result<Device> {
     Ok(Device::cuda(index))
@@ -76,4 +92,17 @@ fn cuda_device(index: usize) -> Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_index: usize) -> Result<Device> {
     anyhow::bail!("this `dmd` was built without CUDA support: rebuild with `cargo build --release --features cuda` (see README, 'CUDA')")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cube_kernels;
+
+    #[test]
+    fn cube_kernels_are_on_unless_turned_off() {
+        assert!(parse_cube_kernels("").unwrap() && parse_cube_kernels(" On ").unwrap());
+        assert!(!parse_cube_kernels("off").unwrap());
+        let err = parse_cube_kernels("no").unwrap_err().to_string();
+        assert!(err.contains("DMD_CUBE_KERNELS=\"no\"") && err.contains("`on` or `off`"), "{err}");
+    }
 }

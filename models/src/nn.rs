@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// Where fresh parameters come from: the device, and a host RNG so that a seeded
 /// initialisation is identical on every backend.
@@ -355,13 +355,21 @@ fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && x.device().inner() == Device::flex()
 }
 
+static CUBE_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns this crate's CubeCL kernels on or off for the whole process (`dmd` sets it from the
+/// `DMD_CUBE_KERNELS` environment variable); off, CubeCL devices run Burn's ops instead.
+pub fn set_cube_kernels(on: bool) {
+    CUBE_KERNELS.store(on, Ordering::Relaxed);
+}
+
 /// Whether this crate's CubeCL kernels (`cube_group_norm`, `fused_update`) run on `device` (or
 /// on the device it wraps for autodiff): a CubeCL device (CUDA) in a build without Burn's
 /// fusion, which records operations for its own kernels instead (`cfg(cube_kernels)`, set by
-/// models/build.rs).
+/// models/build.rs) and unless [`set_cube_kernels`] turned them off.
 pub fn cube_kernels(device: &Device) -> bool {
     #[cfg(cube_kernels)]
-    return matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Cube(_));
+    return CUBE_KERNELS.load(Ordering::Relaxed) && matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Cube(_));
     #[cfg(not(cube_kernels))]
     {
         let _ = device;
