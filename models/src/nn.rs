@@ -443,13 +443,8 @@ impl GroupNorm {
     /// the ImageNet-64 ADM) ran on a few hundred threads. The gradients autodiff sums for the
     /// broadcast statistics take the same two-step shape.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        if on_flex_f32(&x) {
-            // One operation each way on flex (`cpu_group_norm`), ~3x this composite.
-            let (scale, shift) = self.per_sample_affine(x.dims()[0], None);
-            return crate::cpu_group_norm::group_norm(x, scale, shift, self.num_groups, self.eps, false);
-        }
-        if cube_kernels(&x.device()) {
-            return self.cube_kernel(x, None, false);
+        if on_flex_f32(&x) || cube_kernels(&x.device()) {
+            return self.one_operation(x, None, false);
         }
         let [n, c, h, w] = x.dims();
         let dtype = x.dtype();
@@ -467,14 +462,10 @@ impl GroupNorm {
 
     /// SiLU of the norm, or, given a per-sample `scale` and `shift` [N, C] (EDM's adaptive
     /// scale from the noise embedding), silu(shift + norm(x) * (scale + 1)). On flex in
-    /// float32 that is one operation each way (`cpu_group_norm`).
+    /// float32 and on CUDA that is one operation each way (`one_operation`).
     pub fn forward_silu(&self, x: Tensor<4>, scale_shift: Option<(Tensor<2>, Tensor<2>)>) -> Tensor<4> {
-        if on_flex_f32(&x) {
-            let (scale, shift) = self.per_sample_affine(x.dims()[0], scale_shift);
-            return crate::cpu_group_norm::group_norm(x, scale, shift, self.num_groups, self.eps, true);
-        }
-        if cube_kernels(&x.device()) {
-            return self.cube_kernel(x, scale_shift, true);
+        if on_flex_f32(&x) || cube_kernels(&x.device()) {
+            return self.one_operation(x, scale_shift, true);
         }
         let y = self.forward(x);
         match scale_shift {
@@ -483,10 +474,11 @@ impl GroupNorm {
         }
     }
 
-    /// The norm (and SiLU) as one CubeCL kernel each way (`cube_group_norm`; a dozen or more
-    /// launches each way as the composite), in float32 whatever the activations' dtype, which
-    /// it returns.
-    fn cube_kernel(&self, x: Tensor<4>, scale_shift: Option<(Tensor<2>, Tensor<2>)>, silu: bool) -> Tensor<4> {
+    /// The norm (and SiLU) as one operation each way (`cpu_group_norm`): on flex one parallel
+    /// pass, ~3x the composite; on CUDA one CubeCL kernel (`cube_group_norm`) instead of a dozen
+    /// or more launches. In float32 whatever the activations' dtype (on flex they are float32
+    /// already: the casts do nothing), which it returns.
+    fn one_operation(&self, x: Tensor<4>, scale_shift: Option<(Tensor<2>, Tensor<2>)>, silu: bool) -> Tensor<4> {
         let dtype = x.dtype();
         let scale_shift = scale_shift.map(|(scale, shift)| (scale.cast(FloatDType::F32), shift.cast(FloatDType::F32)));
         let (scale, shift) = self.per_sample_affine(x.dims()[0], scale_shift);
