@@ -272,9 +272,9 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
             [batch, c, r, r],
             Box::new(move |dev: &Device, _, half: bool| {
                 let gn = GroupNorm::new(&mut Init::new(dev, 0), c, 1e-5);
-                let per_sample = |seed| random(vec![batch, c, 1, 1], seed, dev).cast(dtype_of(half)).reshape([batch, c]);
-                let (scale, shift) = (per_sample(3), per_sample(4));
-                (Box::new(move |x| gn.forward_silu(x, Some((scale.clone(), shift.clone())))), None)
+                // EDM's adaptive scale and shift, [N, 2C].
+                let modulation = random(vec![batch, 2 * c, 1, 1], 3, dev).cast(dtype_of(half)).reshape([batch, 2 * c]);
+                (Box::new(move |x| gn.forward_silu(x, Some(modulation.clone()))), None)
             }),
         ),
         (

@@ -8,8 +8,9 @@
 //! strides, with the softmax in one vectorised pass and the attention weights recomputed in
 //! the backward pass rather than kept.
 //!
-//! `nn::attention` sends float32 flex tensors here; other backends and dtypes keep the
-//! composite (calling this on another backend panics: it is registered for flex only).
+//! `nn::attention` sends float32 flex tensors here, and CubeCL (CUDA) tensors to the same
+//! operation's CubeCL implementation (`cube_attention`, in float32); other backends and flex's
+//! other dtypes keep the composite (calling this on another backend panics).
 
 use crate::cpu_conv::{SharedMut, assume_init, contiguous, matmul, uninit};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -26,7 +27,8 @@ use rayon::prelude::*;
 /// `qkv` [N, 3C, H, W] (per head: ch query, ch key, ch value channels, interleaved as EDM's
 /// reshape to [N * heads, ch, 3, H * W] reads them) to [N, C, H, W]:
 /// v softmax(q^T k / sqrt(ch))^T.
-#[backend_extension(Flex, Autodiff)]
+// CubeCL: `cube_attention` (see models/build.rs for `cube_kernels`).
+#[backend_extension(Flex, Cube: cfg(cube_kernels), Autodiff)]
 pub trait AttentionBackend: Backend {
     fn edm_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
 
@@ -227,7 +229,7 @@ impl<B: Backend + AttentionBackend, C: CheckpointStrategy> AttentionBackend for 
     }
 }
 
-/// Attention through `AttentionBackend` (differentiable; flex, float32).
+/// Attention through `AttentionBackend` (differentiable; float32, on flex or CubeCL).
 pub fn attention(qkv: Tensor<4>, heads: usize) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as AttentionBackend>::edm_attention(qkv.into_dispatch(), heads))
 }

@@ -666,7 +666,8 @@ pub(crate) fn conv2d_weight_backward(x: &FlexTensor, weight: &FlexTensor, grad: 
 
 /// `x` [N, C, H, W] convolved with `weight` [O, C, kh, kw] at `stride` with zero padding
 /// `pad_h`, `pad_w`, plus `bias` [O] per output channel.
-#[backend_extension(Flex, Autodiff)]
+// CubeCL: in `gemm_conv` (see models/build.rs for `cube_kernels`).
+#[backend_extension(Flex, Cube: cfg(cube_kernels), Autodiff)]
 pub trait ConvBiasBackend: Backend {
     fn conv2d_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self>;
 
@@ -741,7 +742,8 @@ impl<B: Backend + GemmConvBackend + ConvBiasBackend, C: CheckpointStrategy> Conv
     }
 }
 
-/// The convolution plus bias through `ConvBiasBackend` (differentiable; flex only).
+/// The convolution plus bias through `ConvBiasBackend` (differentiable; flex, and CubeCL
+/// devices where `nn::cube_kernels`).
 pub fn conv2d_bias(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as ConvBiasBackend>::conv2d_bias(x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch(), stride, padding[0], padding[1]))
 }

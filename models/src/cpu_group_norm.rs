@@ -7,11 +7,14 @@
 //! twice forward (statistics, then the output) and three times backward. The statistics are
 //! recomputed in the backward pass rather than kept.
 //!
-//! The affine scale and shift are per sample and channel ([N, C]), so that a UNet block's
-//! `silu(norm(x) * (1 + scale) + shift)` (EDM's adaptive scale from the noise embedding) is
-//! this one operation instead of five full-size passes each way (norm, multiply, add, SiLU,
-//! and the sums over pixels that the broadcast scale and shift need backward). `nn::GroupNorm`
-//! folds its weight and bias into those [N, C] values with small tensor ops.
+//! The norm's affine weight and bias [C] and, optionally, EDM's adaptive modulation (a
+//! per-sample scale and shift from the noise embedding, [N, 2C]) are inputs of the operation:
+//! a UNet block's `silu(shift + norm(x) * (1 + scale))` is this one operation each way
+//! instead of five full-size passes (norm, multiply, add, SiLU, and the sums over pixels that
+//! the broadcast scale and shift need backward) plus the small tensor ops that combine the
+//! norm's weights with the modulation, each a kernel launch on a GPU. The kernels work with
+//! the per-sample affine a = weight (1 + scale), b = bias (1 + scale) + shift ([N, C]); the
+//! gradients for the weights and the modulation follow from those of a and b.
 //!
 //! `nn::GroupNorm` sends float32 flex tensors here, and CubeCL (CUDA) tensors to the same
 //! operation's CubeCL kernels (`cube_group_norm`, in float32); other backends keep the
@@ -31,25 +34,52 @@ use crate::cpu_silu::kernels;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// Group norm of `x` [N, C, ...] over `groups` groups of channels, then the per-sample,
-/// per-channel affine `scale` and `shift` [N, C]: z = (x - mean) / sqrt(var + eps) * scale +
-/// shift, var biased (as PyTorch's). The output is z, or silu(z) where `silu`.
+/// Group norm of `x` [N, C, ...] over `groups` groups of channels with the affine `weight` and
+/// `bias` [C]: z = (x - mean) / sqrt(var + eps) * weight + bias, var biased (as PyTorch's).
+/// The output is z, or silu(z) where `silu`. The `_modulated` forms take EDM's adaptive
+/// `modulation` [N, 2C], a per-sample scale and shift (in that order, as EDM's
+/// `params.chunk(2)`), and compute z = x^ weight (1 + scale) + bias (1 + scale) + shift: the
+/// norm with its affine, then EDM's `shift + norm * (scale + 1)`.
 // CubeCL: `cube_group_norm` (see models/build.rs for `cube_kernels`).
 #[backend_extension(Flex, Cube: cfg(cube_kernels), Autodiff)]
 pub trait GroupNormBackend: Backend {
-    fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self>;
+    fn group_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self>;
 
-    /// The gradients for `x`, `scale` and `shift` given the output's gradient `grad`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_modulated(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        modulation: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// The gradients for `x`, `weight` and `bias` given the output's gradient `grad`.
     #[allow(clippy::too_many_arguments)]
     fn group_norm_backward(
         x: FloatTensor<Self>,
-        scale: FloatTensor<Self>,
-        shift: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         groups: usize,
         eps: f64,
         silu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradients for `x`, `weight`, `bias` and `modulation`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_modulated_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        modulation: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 fn f32s(t: &FlexTensor) -> &[f32] {
@@ -60,29 +90,127 @@ fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
+/// The per-sample affine (a, b), [N, C] each: a = weight (1 + scale), b = bias (1 + scale) +
+/// shift, with (scale | shift) the rows of `modulation` [N, 2C]; without it, the weight and
+/// bias for every sample.
+fn per_sample_affine(weight: &[f32], bias: &[f32], modulation: Option<&[f32]>, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let c = weight.len();
+    let (mut a, mut b) = (Vec::with_capacity(n * c), Vec::with_capacity(n * c));
+    for sample in 0..n {
+        for k in 0..c {
+            match modulation {
+                Some(m) => {
+                    let factor = m[sample * 2 * c + k] + 1.0;
+                    a.push(weight[k] * factor);
+                    b.push(bias[k] * factor + m[sample * 2 * c + c + k]);
+                }
+                None => {
+                    a.push(weight[k]);
+                    b.push(bias[k]);
+                }
+            }
+        }
+    }
+    (a, b)
+}
+
+/// (dweight [C], dbias [C], dmodulation [N, 2C] where modulated) from the gradients `da`, `db`
+/// [N, C] of the per-sample affine (see [`per_sample_affine`]).
+fn affine_gradients(da: &[f32], db: &[f32], weight: &[f32], bias: &[f32], modulation: Option<&[f32]>) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+    let c = weight.len();
+    let n = da.len() / c.max(1);
+    let (mut dweight, mut dbias) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let mut dmodulation = modulation.map(|_| vec![0.0f32; n * 2 * c]);
+    for sample in 0..n {
+        for k in 0..c {
+            let (ga, gb) = (da[sample * c + k], db[sample * c + k]);
+            let factor = modulation.map_or(1.0, |m| m[sample * 2 * c + k] + 1.0);
+            dweight[k] += ga * factor;
+            dbias[k] += gb * factor;
+            if let Some(dm) = dmodulation.as_mut() {
+                dm[sample * 2 * c + k] = ga * weight[k] + gb * bias[k];
+                dm[sample * 2 * c + c + k] = gb;
+            }
+        }
+    }
+    (dweight, dbias, dmodulation)
+}
+
+/// The flex operation, with or without modulation.
+fn flex_forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, modulation: Option<FlexTensor>, groups: usize, eps: f64, silu: bool) -> FlexTensor {
+    let (x, weight, bias, modulation) = (contiguous(&x), contiguous(&weight), contiguous(&bias), modulation.map(|m| contiguous(&m)));
+    let shape = x.layout().shape().clone();
+    let sizes = Sizes::new(&shape, groups);
+    let (a, b) = per_sample_affine(f32s(&weight), f32s(&bias), modulation.as_ref().map(f32s), sizes.n);
+    tensor(forward(f32s(&x), &a, &b, sizes, eps as f32, silu), shape)
+}
+
+/// (dx, dweight, dbias, dmodulation where modulated) on flex.
+#[allow(clippy::too_many_arguments)]
+fn flex_backward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    modulation: Option<FlexTensor>,
+    grad: FlexTensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> (FlexTensor, FlexTensor, FlexTensor, Option<FlexTensor>) {
+    let (x, weight, bias, grad) = (contiguous(&x), contiguous(&weight), contiguous(&bias), contiguous(&grad));
+    let modulation = modulation.map(|m| contiguous(&m));
+    let shape = x.layout().shape().clone();
+    let sizes = Sizes::new(&shape, groups);
+    let (weight, bias, modulation) = (f32s(&weight), f32s(&bias), modulation.as_ref().map(f32s));
+    let (a, b) = per_sample_affine(weight, bias, modulation, sizes.n);
+    let (dx, da, db) = backward(f32s(&x), &a, &b, f32s(&grad), sizes, eps as f32, silu);
+    let (dweight, dbias, dmodulation) = affine_gradients(&da, &db, weight, bias, modulation);
+    let c = Shape::from([sizes.c]);
+    (tensor(dx, shape), tensor(dweight, c.clone()), tensor(dbias, c), dmodulation.map(|dm| tensor(dm, Shape::from([sizes.n, 2 * sizes.c]))))
+}
+
 impl GroupNormBackend for Flex {
-    fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
-        let (x, scale, shift) = (contiguous(&x), contiguous(&scale), contiguous(&shift));
-        let shape = x.layout().shape().clone();
-        let y = forward(f32s(&x), f32s(&scale), f32s(&shift), Sizes::new(&shape, groups), eps as f32, silu);
-        tensor(y, shape)
+    fn group_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
+        flex_forward(x, weight, bias, None, groups, eps, silu)
+    }
+
+    fn group_norm_modulated(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        modulation: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        flex_forward(x, weight, bias, Some(modulation), groups, eps, silu)
     }
 
     fn group_norm_backward(
         x: FloatTensor<Self>,
-        scale: FloatTensor<Self>,
-        shift: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         groups: usize,
         eps: f64,
         silu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let [x, scale, shift, grad] = [x, scale, shift, grad].map(|t| contiguous(&t));
-        let shape = x.layout().shape().clone();
-        let sizes = Sizes::new(&shape, groups);
-        let (dx, dscale, dshift) = backward(f32s(&x), f32s(&scale), f32s(&shift), f32s(&grad), sizes, eps as f32, silu);
-        let per_sample = Shape::from([sizes.n, sizes.c]);
-        (tensor(dx, shape), tensor(dscale, per_sample.clone()), tensor(dshift, per_sample))
+        let (dx, dweight, dbias, _) = flex_backward(x, weight, bias, None, grad, groups, eps, silu);
+        (dx, dweight, dbias)
+    }
+
+    fn group_norm_modulated_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        modulation: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dweight, dbias, dmodulation) = flex_backward(x, weight, bias, Some(modulation), grad, groups, eps, silu);
+        (dx, dweight, dbias, dmodulation.expect("modulated backward gives the modulation's gradient"))
     }
 }
 
@@ -134,6 +262,8 @@ fn with_affine(x: &[f32], a: f32, b: f32, mut f: impl FnMut(&[f32], usize)) {
     }
 }
 
+/// The norm with the per-sample affine `scale`, `shift` [N, C] (a and b of
+/// [`per_sample_affine`]), then SiLU where `silu`.
 fn forward(x: &[f32], scale: &[f32], shift: &[f32], s: Sizes, eps: f32, silu: bool) -> Vec<f32> {
     let len = s.unit_len();
     let mut y = uninit(x.len());
@@ -258,21 +388,42 @@ fn backward_unit_body(u: &Unit<'_>, grad: &[f32], dx: &mut [MaybeUninit<f32>], s
     }
 }
 
+/// The backward pass of the unmodulated operation (parents x, weight, bias).
 #[derive(Debug)]
 struct GroupNormGrad;
 
+/// The backward pass of the modulated operation (parents x, weight, bias, modulation).
+#[derive(Debug)]
+struct GroupNormModulatedGrad;
+
+/// The settings every backward pass needs besides its inputs.
+type Settings = (usize, f64, bool);
+
 impl<B: Backend + GroupNormBackend> Backward<B, 3> for GroupNormGrad {
-    type State = (NodeId, NodeId, NodeId, usize, f64, bool);
+    type State = ([NodeId; 3], Settings);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-        let [node_x, node_scale, node_shift] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (x_state, scale_state, shift_state, groups, eps, silu) = ops.state;
-        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let scale = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(scale_state);
-        let shift = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(shift_state);
-        let (dx, dscale, dshift) = B::group_norm_backward(x, scale, shift, grad, groups, eps, silu);
-        for (node, g) in [(node_x, dx), (node_scale, dscale), (node_shift, dshift)] {
+        let (inputs, (groups, eps, silu)) = ops.state;
+        let [x, weight, bias] = inputs.map(|id| checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(id));
+        let (dx, dweight, dbias) = B::group_norm_backward(x, weight, bias, grad, groups, eps, silu);
+        for (node, g) in ops.parents.into_iter().zip([dx, dweight, dbias]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+impl<B: Backend + GroupNormBackend> Backward<B, 4> for GroupNormModulatedGrad {
+    type State = ([NodeId; 4], Settings);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (inputs, (groups, eps, silu)) = ops.state;
+        let [x, weight, bias, modulation] = inputs.map(|id| checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(id));
+        let (dx, dweight, dbias, dmodulation) = B::group_norm_modulated_backward(x, weight, bias, modulation, grad, groups, eps, silu);
+        for (node, g) in ops.parents.into_iter().zip([dx, dweight, dbias, dmodulation]) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
@@ -281,14 +432,34 @@ impl<B: Backend + GroupNormBackend> Backward<B, 3> for GroupNormGrad {
 }
 
 impl<B: Backend + GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for Autodiff<B, C> {
-    fn group_norm(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
-        match GroupNormGrad.prepare::<C>([x.node(), scale.node(), shift.node()]).compute_bound().stateful() {
+    fn group_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, groups: usize, eps: f64, silu: bool) -> FloatTensor<Self> {
+        match GroupNormGrad.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&scale), prep.checkpoint(&shift), groups, eps, silu);
-                let out = B::group_norm(x.into_parts().0, scale.into_parts().0, shift.into_parts().0, groups, eps, silu);
-                prep.finish(state, out)
+                let state = ([prep.checkpoint(&x), prep.checkpoint(&weight), prep.checkpoint(&bias)], (groups, eps, silu));
+                prep.finish(state, B::group_norm(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, groups, eps, silu))
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::group_norm(x.into_parts().0, scale.into_parts().0, shift.into_parts().0, groups, eps, silu)),
+            OpsKind::UnTracked(prep) => prep.finish(B::group_norm(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, groups, eps, silu)),
+        }
+    }
+
+    fn group_norm_modulated(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        modulation: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let run = |x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, modulation: FloatTensor<Self>| {
+            B::group_norm_modulated(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, modulation.into_parts().0, groups, eps, silu)
+        };
+        match GroupNormModulatedGrad.prepare::<C>([x.node(), weight.node(), bias.node(), modulation.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let inputs = [prep.checkpoint(&x), prep.checkpoint(&weight), prep.checkpoint(&bias), prep.checkpoint(&modulation)];
+                prep.finish((inputs, (groups, eps, silu)), run(x, weight, bias, modulation))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(run(x, weight, bias, modulation)),
         }
     }
 
@@ -303,12 +474,30 @@ impl<B: Backend + GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for 
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("group_norm_backward runs on the inner backend (no second-order gradients)")
     }
+
+    fn group_norm_modulated_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: usize,
+        _: f64,
+        _: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("group_norm_modulated_backward runs on the inner backend (no second-order gradients)")
+    }
 }
 
-/// Group norm of `x` [N, C, H, W] with the per-sample affine `scale`, `shift` [N, C], then SiLU
-/// where `silu`, through `GroupNormBackend` (differentiable; float32, on flex or CubeCL).
-pub fn group_norm(x: Tensor<4>, scale: Tensor<2>, shift: Tensor<2>, groups: usize, eps: f64, silu: bool) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as GroupNormBackend>::group_norm(x.into_dispatch(), scale.into_dispatch(), shift.into_dispatch(), groups, eps, silu))
+/// Group norm of `x` [N, C, H, W] with the affine `weight`, `bias` [C] and, where given, EDM's
+/// adaptive `modulation` [N, 2C] (scale | shift), then SiLU where `silu`, through
+/// `GroupNormBackend` (differentiable; float32, on flex or CubeCL).
+pub fn group_norm(x: Tensor<4>, weight: Tensor<1>, bias: Tensor<1>, modulation: Option<Tensor<2>>, groups: usize, eps: f64, silu: bool) -> Tensor<4> {
+    let (x, weight, bias) = (x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch());
+    Tensor::from_dispatch(match modulation {
+        Some(m) => <Dispatch as GroupNormBackend>::group_norm_modulated(x, weight, bias, m.into_dispatch(), groups, eps, silu),
+        None => <Dispatch as GroupNormBackend>::group_norm(x, weight, bias, groups, eps, silu),
+    })
 }
 
 #[cfg(test)]
@@ -371,6 +560,59 @@ pub(crate) mod tests {
             let got_y = forward(&x, &scale, &shift, s, eps as f32, silu);
             let errors = [rel_error(&got_y, &y), rel_error(&got_dx, &dx), rel_error(&got_dscale, &dscale), rel_error(&got_dshift, &dshift)];
             assert!(errors.iter().all(|e| *e < 2e-5), "{s:?} offset {offset} silu {silu}: relative errors (y, dx, dscale, dshift) {errors:?}");
+        }
+    }
+
+    /// Through autodiff on flex, the operation's output and gradients for x, the weight and
+    /// bias [C] and EDM's modulation [N, 2C], against the definition (in f64) with the
+    /// per-sample affine a = weight (1 + scale), b = bias (1 + scale) + shift, and the chain rule
+    /// from a and b back to the weights and the modulation.
+    #[test]
+    fn the_weights_and_the_modulation_get_their_gradients() {
+        use burn::tensor::Device;
+        let (n, c, groups, h, w) = (3, 8, 4, 5, 3);
+        let s = Sizes { n, c, groups, hw: h * w };
+        let (x, dy) = (values(n * c * h * w, 1, 4.0, 0.5), values(n * c * h * w, 4, 2.0, 0.0));
+        let (weight, bias, modulation) = (values(c, 5, 1.0, 1.0), values(c, 6, 1.0, 0.0), values(n * 2 * c, 7, 1.0, 0.0));
+        let eps = 1e-5;
+        for (modulated, silu) in [(false, false), (false, true), (true, false), (true, true)] {
+            let scale = |i: usize| if modulated { modulation[i / c * 2 * c + i % c] } else { 0.0 };
+            let shift = |i: usize| if modulated { modulation[i / c * 2 * c + c + i % c] } else { 0.0 };
+            let a: Vec<f32> = (0..n * c).map(|i| weight[i % c] * (1.0 + scale(i))).collect();
+            let b: Vec<f32> = (0..n * c).map(|i| bias[i % c] * (1.0 + scale(i)) + shift(i)).collect();
+            let [y, dx, da, db] = direct(&x, &a, &b, &dy, s, eps, silu);
+            let (mut dweight, mut dbias, mut dmodulation) = (vec![0.0; c], vec![0.0; c], vec![0.0; n * 2 * c]);
+            for i in 0..n * c {
+                let (sample, k) = (i / c, i % c);
+                dweight[k] += da[i] * (1.0 + scale(i) as f64);
+                dbias[k] += db[i] * (1.0 + scale(i) as f64);
+                dmodulation[sample * 2 * c + k] = da[i] * weight[k] as f64 + db[i] * bias[k] as f64;
+                dmodulation[sample * 2 * c + c + k] = db[i];
+            }
+
+            let device = Device::flex().autodiff();
+            fn t<const D: usize>(v: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+                Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
+            }
+            let xt = t(&x, [n, c, h, w], &device).require_grad();
+            let (wt, bt) = (t(&weight, [c], &device).require_grad(), t(&bias, [c], &device).require_grad());
+            let mt = t(&modulation, [n, 2 * c], &device).require_grad();
+            let out = group_norm(xt.clone(), wt.clone(), bt.clone(), modulated.then(|| mt.clone()), groups, eps, silu);
+            let dyt = t(&dy, [n, c, h, w], &device);
+            let grads = (out.clone() * dyt).sum().backward();
+            let v = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+            let v1 = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+            let mut errors = vec![
+                rel_error(&v(out.inner()), &y),
+                rel_error(&v(xt.grad(&grads).unwrap()), &dx),
+                rel_error(&v1(wt.grad(&grads).unwrap()), &dweight),
+                rel_error(&v1(bt.grad(&grads).unwrap()), &dbias),
+            ];
+            match mt.grad(&grads) {
+                Some(g) => errors.push(rel_error(&g.into_data().try_to_vec::<f32>().unwrap(), &dmodulation)),
+                None => assert!(!modulated, "the modulation has no gradient"),
+            }
+            assert!(errors.iter().all(|e| *e < 2e-5), "modulated {modulated} silu {silu}: relative errors (y, dx, dweight, dbias, dmodulation) {errors:?}");
         }
     }
 }

@@ -137,6 +137,7 @@ pub(crate) mod cube {
     use burn_cubecl::cubecl::prelude::*;
     use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nhwc_to_nchw};
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::CubeBackend;
 
@@ -194,8 +195,28 @@ pub(crate) mod cube {
         into_contiguous(t)
     }
 
+    /// Whether `t` [N, C, H, W] is the NCHW view of a contiguous NHWC buffer ("channels
+    /// last"), the layout in which Burn's CubeCL convolutions compute: they return their
+    /// outputs (and input gradients) so, and take such inputs without a copy.
+    pub(crate) fn is_channels_last(t: &CubeTensor) -> bool {
+        let shape = t.shape();
+        if shape.num_dims() != 4 {
+            return false;
+        }
+        let (c, h, w) = (shape[1], shape[2], shape[3]);
+        t.meta.strides()[..] == [h * w * c, 1, w * c, c]
+    }
+
+    /// `t` [N, C, H, W] channels last, copied only where it is not so already.
+    pub(crate) fn channels_last(t: CubeTensor) -> CubeTensor {
+        if is_channels_last(&t) {
+            return t;
+        }
+        permute_nhwc_to_nchw(into_contiguous(permute_nchw_to_nhwc(t)))
+    }
+
     /// The launch grid of one thread per element of `t`.
-    fn grid(t: &CubeTensor) -> (CubeCount, CubeDim) {
+    pub(crate) fn grid(t: &CubeTensor) -> (CubeCount, CubeDim) {
         let n = t.shape().num_elements();
         let cube_dim = CubeDim::new(&t.client, n);
         (cubecl::calculate_cube_count_elemwise(&t.client, n, cube_dim), cube_dim)

@@ -53,7 +53,7 @@ fn output_shape(x: &Shape, weight: &Shape, stride: &usize, pad_h: &usize, pad_w:
 }
 
 /// An ungrouped, bias-free 2-D convolution with zero padding `pad_h`, `pad_w`.
-#[backend_extension(Flex, NdArray, Cube: cfg(feature = "cuda"), Fusion: cfg(feature = "fusion"), Autodiff)]
+#[backend_extension(Flex, NdArray, Cube: cfg(any(feature = "cuda", feature = "cube-cpu")), Fusion: cfg(feature = "fusion"), Autodiff)]
 pub trait GemmConvBackend: Backend {
     #[fusion(dtype = x, shape = output_shape(x, weight, stride, pad_h, pad_w))]
     fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
@@ -93,46 +93,76 @@ impl GemmConvBackend for Flex {
 }
 impl GemmConvBackend for NdArray {}
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cube-cpu"))]
 mod cube {
     use super::{options, GemmConvBackend};
     use burn::backend::tensor::FloatTensor;
     use burn::backend::TensorMetadata;
     use burn_cubecl::kernel::conv::{conv_data_backward, conv_forward, conv_weight_backward, ConvStrategy};
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::Shape;
+    use burn_cubecl::tensor::CubeTensor;
+    #[cfg(cube_kernels)]
+    use {crate::fused_update::cube::channels_last, burn_cubecl::ops::permute_nchw_to_nhwc};
     use burn_cubecl::CubeBackend;
     use std::fmt::Debug;
     use std::sync::Mutex;
 
-    /// `run` with the implicit-GEMM kernel; where its setup declines the shape or dtype (an
+    /// `run` with the implicit-GEMM kernel; where its setup declines the shapes or dtype (an
     /// error), with Burn's direct kernel instead, noting that on stderr once per operation and
-    /// input shape.
-    fn implicit_gemm_or_direct<T, E: Debug>(op: &str, input: impl Debug, run: impl Fn(ConvStrategy) -> Result<T, E>) -> T {
+    /// convolution, and going to the direct kernel at once from then on (a declined attempt can
+    /// cost copies of its inputs before it fails).
+    fn implicit_gemm_or_direct<T, E: Debug>(op: &str, x: &CubeTensor, weight: &Shape, o: &ConvOptions<2>, run: impl Fn(ConvStrategy) -> Result<T, E>) -> T {
+        static DECLINED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let what = format!("input {:?} ({:?}), weight {:?}, stride {:?}, padding {:?}", x.shape(), x.dtype, weight, o.stride, o.padding);
+        let key = format!("{op} {what}");
+        let direct = |run: &dyn Fn(ConvStrategy) -> Result<T, E>| run(ConvStrategy::Direct).unwrap_or_else(|e| panic!("direct {op} of {what}: {e:?}"));
+        if DECLINED.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+            return direct(&run);
+        }
         run(ConvStrategy::ImplicitGemm).unwrap_or_else(|err| {
-            static NOTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-            let key = format!("{op} {input:?}");
-            let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
-            if !noted.contains(&key) {
-                eprintln!("note: implicit-GEMM {op} declined input {input:?} ({err:?}); using Burn's direct kernel for it");
-                noted.push(key);
-            }
-            run(ConvStrategy::Direct).unwrap_or_else(|e| panic!("direct {op} of input {input:?}: {e:?}"))
+            eprintln!("note: implicit-GEMM {op} declined {what} ({err:?}); using Burn's direct kernel for it");
+            DECLINED.lock().unwrap_or_else(|e| e.into_inner()).push(key.clone());
+            direct(&run)
         })
+    }
+
+    /// The convolution with its bias in the implicit-GEMM kernel's epilogue (no separate
+    /// full-size add), and the bias gradient as one reduction over the output gradient's
+    /// channels-last rows [N H W, O] (which the weight gradient then reads without a copy),
+    /// instead of Burn's broadcast add and its sums over batch and pixels.
+    #[cfg(cube_kernels)]
+    impl crate::cpu_conv::ConvBiasBackend for CubeBackend {
+        fn conv2d_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
+            let o = options(stride, pad_h, pad_w);
+            implicit_gemm_or_direct("convolution", &x, &weight.shape(), &o, |s| conv_forward::<2>(x.clone(), weight.clone(), Some(bias.clone()), o.clone(), s))
+        }
+
+        fn conv2d_bias_param_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            use burn::backend::ops::FloatTensorOps;
+            let o = options(stride, pad_h, pad_w);
+            let grad = channels_last(grad);
+            let dw = implicit_gemm_or_direct("weight gradient", &x, &weight.shape(), &o, |s| conv_weight_backward::<2>(x.clone(), grad.clone(), weight.shape(), o.clone(), s));
+            let [n, out, h, w] = grad.shape().dims();
+            let rows = Self::float_reshape(permute_nchw_to_nhwc(grad), Shape::from([n * h * w, out]));
+            (dw, Self::float_reshape(Self::float_sum_dim(rows, 0), Shape::from([out])))
+        }
     }
 
     impl GemmConvBackend for CubeBackend {
         fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            implicit_gemm_or_direct("convolution", x.shape(), |s| conv_forward::<2>(x.clone(), weight.clone(), None, o.clone(), s))
+            implicit_gemm_or_direct("convolution", &x, &weight.shape(), &o, |s| conv_forward::<2>(x.clone(), weight.clone(), None, o.clone(), s))
         }
 
         fn gemm_conv2d_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            implicit_gemm_or_direct("input gradient", x.shape(), |s| conv_data_backward::<2>(grad.clone(), weight.clone(), x.shape(), o.clone(), s))
+            implicit_gemm_or_direct("input gradient", &x, &weight.shape(), &o, |s| conv_data_backward::<2>(grad.clone(), weight.clone(), x.shape(), o.clone(), s))
         }
 
         fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            implicit_gemm_or_direct("weight gradient", x.shape(), |s| conv_weight_backward::<2>(x.clone(), grad.clone(), weight.shape(), o.clone(), s))
+            implicit_gemm_or_direct("weight gradient", &x, &weight.shape(), &o, |s| conv_weight_backward::<2>(x.clone(), grad.clone(), weight.shape(), o.clone(), s))
         }
     }
 }
@@ -177,4 +207,48 @@ impl<B: Backend + GemmConvBackend, C: CheckpointStrategy> GemmConvBackend for Au
 /// `[top and bottom, left and right]`, through `GemmConvBackend` (differentiable).
 pub fn gemm_conv2d(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as GemmConvBackend>::gemm_conv2d(x.into_dispatch(), weight.into_dispatch(), stride, padding[0], padding[1]))
+}
+
+/// The convolution with its bias on CubeCL's CPU runtime (`--features cube-cpu`, see
+/// `fused_update`'s tests) against flex's (`cpu_conv`, which its tests check against the
+/// definition), through `nn::conv2d_dense` and autodiff. The CPU runtime has no implicit-GEMM
+/// kernel (Burn's direct kernels run, after our note), so this checks the bias's routing,
+/// its gradient and the layouts, not the CUDA kernels.
+#[cfg(all(test, feature = "cube-cpu"))]
+mod cube_tests {
+    use crate::cpu_group_norm::tests::{rel_error, values};
+    use crate::cube_group_norm::cube_tests::{channels_last, is_channels_last};
+    use crate::nn::conv2d_dense;
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    #[test]
+    fn the_cubecl_convolution_with_bias_is_the_flex_one() {
+        // (n, c, o, h, w, kernel, stride, padding), each with the input and the output's
+        // gradient in memory channels first or last.
+        let cases = [(2, 5, 7, 6, 5, 3, 1, 1), (3, 8, 4, 8, 8, 4, 2, 1), (2, 4, 6, 5, 5, 3, 1, 0)];
+        for ((n, c, o, h, w, k, stride, pad), (x_last, dy_last)) in cases.into_iter().flat_map(|case| [(false, false), (true, true), (true, false), (false, true)].map(|v| (case, v))) {
+            let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+            let run = |device: &Device| {
+                let ad = device.clone().autodiff();
+                let tensor = |values: Vec<f32>, shape: [usize; 4], last: bool| match last {
+                    true => channels_last(&values, shape, &ad),
+                    false => Tensor::<4>::from_data(TensorData::new(values, shape), &ad),
+                };
+                let x = tensor(values(n * c * h * w, 1, 2.0, 0.0), [n, c, h, w], x_last).require_grad();
+                let weight = Tensor::<4>::from_data(TensorData::new(values(o * c * k * k, 2, 1.0, 0.0), [o, c, k, k]), &ad).require_grad();
+                let bias = Tensor::<1>::from_data(TensorData::new(values(o, 3, 1.0, 0.5), [o]), &ad).require_grad();
+                let dy = tensor(values(n * o * ho * wo, 4, 2.0, 0.0), [n, o, ho, wo], dy_last);
+                let y = conv2d_dense(x.clone(), weight.clone(), Some(bias.clone()), stride, [pad, pad]);
+                let grads = (y.clone() * dy).sum().backward();
+                if device == &Device::cpu() {
+                    assert!(is_channels_last(y.clone().inner()), "Burn's CubeCL convolutions return channels last");
+                }
+                let v = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+                [v(y.inner()), v(x.grad(&grads).unwrap()), v(weight.grad(&grads).unwrap()), bias.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap()]
+            };
+            let (want, got) = (run(&Device::flex()), run(&Device::cpu()));
+            let errors: Vec<f64> = want.iter().zip(&got).map(|(w, g)| rel_error(g, &w.iter().map(|v| f64::from(*v)).collect::<Vec<_>>())).collect();
+            assert!(errors.iter().all(|e| *e < 2e-5), "n {n} c {c} o {o} {h}x{w} kernel {k} stride {stride} padding {pad}, x and dy channels last {x_last}, {dy_last}: relative errors (y, dx, dweight, dbias) {errors:?}");
+        }
+    }
 }

@@ -11,6 +11,8 @@ pub mod cpu_attention;
 pub mod cpu_resample;
 pub mod cpu_group_norm;
 #[cfg(cube_kernels)]
+mod cube_attention;
+#[cfg(cube_kernels)]
 mod cube_group_norm;
 pub mod cpu_silu;
 pub mod dhariwal;

@@ -282,7 +282,8 @@ pub fn conv_impl() -> ConvImpl {
 /// Otherwise an unpadded 1x1 convolution (attention's qkv and projection, skip connections)
 /// is always the matrix product it is: ~3x faster forward + backward than Burn's `conv2d`,
 /// whose weight gradient runs as a convolution with an image-sized kernel. Im2col is stride 1
-/// only: other strides (a few down-sampling layers) then use Burn's `conv2d`.
+/// only: other strides (a few down-sampling layers) then use Burn's `conv2d`. Under `gemm` on
+/// CUDA the bias is inside the convolution too (unless `DMD_CUBE_KERNELS=off`).
 pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, stride: usize, padding: [usize; 2]) -> Tensor<4> {
     if conv_impl() == ConvImpl::Gemm && on_flex_f32(&x) {
         return match bias {
@@ -295,7 +296,11 @@ pub fn conv2d_dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, st
     if stride == 1 && (pointwise || conv_impl() == ConvImpl::Im2col) {
         conv2d_im2col(x, weight, bias, padding)
     } else if conv_impl() == ConvImpl::Gemm {
-        add_channel_bias(crate::gemm_conv::gemm_conv2d(x, weight, stride, padding), bias)
+        match bias {
+            // The bias inside the convolution on CUDA (`gemm_conv`'s `ConvBiasBackend`).
+            Some(bias) if cube_kernels(&x.device()) => crate::cpu_conv::conv2d_bias(x, weight, bias, stride, padding),
+            bias => add_channel_bias(crate::gemm_conv::gemm_conv2d(x, weight, stride, padding), bias),
+        }
     } else {
         conv2d(x, weight, bias, ConvOptions::new([stride, stride], padding, [1, 1], 1))
     }
@@ -460,45 +465,32 @@ impl GroupNorm {
         (centered.reshape([n, c, h, w]) * scale + self.bias.val().reshape([1, -1, 1, 1])).cast(dtype)
     }
 
-    /// SiLU of the norm, or, given a per-sample `scale` and `shift` [N, C] (EDM's adaptive
-    /// scale from the noise embedding), silu(shift + norm(x) * (scale + 1)). On flex in
-    /// float32 and on CUDA that is one operation each way (`one_operation`).
-    pub fn forward_silu(&self, x: Tensor<4>, scale_shift: Option<(Tensor<2>, Tensor<2>)>) -> Tensor<4> {
+    /// SiLU of the norm, or, given EDM's adaptive `modulation` [N, 2C] (a per-sample scale and
+    /// shift from the noise embedding, in that order), silu(shift + norm(x) * (scale + 1)). On
+    /// flex in float32 and on CUDA that is one operation each way (`one_operation`).
+    pub fn forward_silu(&self, x: Tensor<4>, modulation: Option<Tensor<2>>) -> Tensor<4> {
         if on_flex_f32(&x) || cube_kernels(&x.device()) {
-            return self.one_operation(x, scale_shift, true);
+            return self.one_operation(x, modulation, true);
         }
         let y = self.forward(x);
-        match scale_shift {
-            Some((scale, shift)) => silu(shift.unsqueeze_dims::<4>(&[2, 3]) + y * scale.unsqueeze_dims::<4>(&[2, 3]).add_scalar(1.0)),
+        match modulation {
+            Some(modulation) => {
+                let [scale, shift]: [Tensor<2>; 2] = modulation.chunk(2, 1).try_into().expect("two chunks");
+                silu(shift.unsqueeze_dims::<4>(&[2, 3]) + y * scale.unsqueeze_dims::<4>(&[2, 3]).add_scalar(1.0))
+            }
             None => silu(y),
         }
     }
 
-    /// The norm (and SiLU) as one operation each way (`cpu_group_norm`): on flex one parallel
-    /// pass, ~3x the composite; on CUDA one CubeCL kernel (`cube_group_norm`) instead of a dozen
-    /// or more launches. In float32 whatever the activations' dtype (on flex they are float32
-    /// already: the casts do nothing), which it returns.
-    fn one_operation(&self, x: Tensor<4>, scale_shift: Option<(Tensor<2>, Tensor<2>)>, silu: bool) -> Tensor<4> {
+    /// The norm (and SiLU), its affine and the modulation as one operation each way
+    /// (`cpu_group_norm`): on flex one parallel pass, ~3x the composite; on CUDA one CubeCL
+    /// kernel forward and two backward (`cube_group_norm`) instead of a dozen or more launches.
+    /// In float32 whatever the activations' dtype (on flex they are float32 already: the casts
+    /// do nothing), which it returns.
+    fn one_operation(&self, x: Tensor<4>, modulation: Option<Tensor<2>>, silu: bool) -> Tensor<4> {
         let dtype = x.dtype();
-        let scale_shift = scale_shift.map(|(scale, shift)| (scale.cast(FloatDType::F32), shift.cast(FloatDType::F32)));
-        let (scale, shift) = self.per_sample_affine(x.dims()[0], scale_shift);
-        crate::cpu_group_norm::group_norm(x.cast(FloatDType::F32), scale, shift, self.num_groups, self.eps, silu).cast(dtype)
-    }
-
-    /// The norm's affine weight and bias for each of `n` samples ([N, C]), with the adaptive
-    /// scale and shift folded in where given: weight (scale + 1) and bias (scale + 1) + shift.
-    fn per_sample_affine(&self, n: usize, scale_shift: Option<(Tensor<2>, Tensor<2>)>) -> (Tensor<2>, Tensor<2>) {
-        let (weight, bias) = (self.weight.val().unsqueeze_dim::<2>(0), self.bias.val().unsqueeze_dim::<2>(0));
-        match scale_shift {
-            Some((scale, shift)) => {
-                let factor = scale.add_scalar(1.0);
-                (weight * factor.clone(), bias * factor + shift)
-            }
-            None => {
-                let c = weight.dims()[1];
-                (weight.expand([n, c]), bias.expand([n, c]))
-            }
-        }
+        let modulation = modulation.map(|m| m.cast(FloatDType::F32));
+        crate::cpu_group_norm::group_norm(x.cast(FloatDType::F32), self.weight.val(), self.bias.val(), modulation, self.num_groups, self.eps, silu).cast(dtype)
     }
 }
 
@@ -707,8 +699,7 @@ impl UNetBlock {
         let x = self.conv0.forward(self.norm0.forward_silu(x, None));
         let params = like(self.affine.forward(emb), x.dtype());
         let x = if self.adaptive_scale {
-            let [scale, shift]: [Tensor<2>; 2] = params.chunk(2, 1).try_into().expect("two chunks");
-            self.norm1.forward_silu(x, Some((scale, shift)))
+            self.norm1.forward_silu(x, Some(params))
         } else {
             self.norm1.forward_silu(x + params.unsqueeze_dims::<4>(&[2, 3]), None)
         };
@@ -739,6 +730,11 @@ pub fn attention(qkv: Tensor<4>, num_heads: usize) -> Tensor<4> {
     if on_flex_f32(&qkv) {
         // One operation each way on flex (`cpu_attention`).
         return crate::cpu_attention::attention(qkv, num_heads);
+    }
+    if cube_kernels(&qkv.device()) {
+        // On CUDA too (`cube_attention`), in float32 whatever the body's dtype.
+        let dtype = qkv.dtype();
+        return crate::cpu_attention::attention(qkv.cast(FloatDType::F32), num_heads).cast(dtype);
     }
     let [n, c3, h, w] = qkv.dims();
     let (c, heads) = (c3 / 3, num_heads);
