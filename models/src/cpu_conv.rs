@@ -698,19 +698,19 @@ fn burn_conv2d_bias_param_backward<B: Backend>(x: FloatTensor<B>, weight: FloatT
 }
 
 /// The backward pass: the input gradient from `GemmConvBackend`, the weight and bias
-/// gradients together, from the saved input and weight.
+/// gradients together, from the saved input and the weight in the kernels' layout
+/// (`GemmConvBackend::gemm_conv2d_weight_layout`).
 #[derive(Debug)]
 struct ConvBiasBackward;
 
 impl<B: Backend + GemmConvBackend + ConvBiasBackend> Backward<B, 3> for ConvBiasBackward {
-    type State = (NodeId, NodeId, [usize; 3]);
+    type State = (NodeId, B::FloatTensorPrimitive, [usize; 3]);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let [node_x, node_weight, node_bias] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (x_state, weight_state, [stride, ph, pw]) = ops.state;
+        let (x_state, weight, [stride, ph, pw]) = ops.state;
         let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
         if let Some(node) = node_x {
             grads.register::<B>(node.id, B::gemm_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), stride, ph, pw));
         }
@@ -729,8 +729,9 @@ impl<B: Backend + GemmConvBackend + ConvBiasBackend, C: CheckpointStrategy> Conv
     fn conv2d_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
         match ConvBiasBackward.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), [stride, pad_h, pad_w]);
-                let out = B::conv2d_bias(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, stride, pad_h, pad_w);
+                let weight = B::gemm_conv2d_weight_layout(weight.into_parts().0);
+                let state = (prep.checkpoint(&x), weight.clone(), [stride, pad_h, pad_w]);
+                let out = B::conv2d_bias(x.into_parts().0, weight, bias.into_parts().0, stride, pad_h, pad_w);
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::conv2d_bias(x.into_parts().0, weight.into_parts().0, bias.into_parts().0, stride, pad_h, pad_w)),

@@ -7,9 +7,10 @@
 //! multi-threaded pass each, with an exponential the compiler vectorises (`cpu_exp`), and
 //! the backward keeps only the input.
 //!
-//! `nn::silu` sends float32 flex tensors here; other backends (CUDA, where Burn's fusion can
-//! fuse the composite, and ndarray) and dtypes keep its composite (calling this on another
-//! backend panics: it is registered for flex only).
+//! `nn::silu` sends float32 flex tensors here, and CubeCL (CUDA) tensors to the same
+//! operation's CubeCL kernels (`cube_silu`, in float32); other backends (ndarray, and CUDA
+//! under Burn's fusion, which can fuse the composite) and flex's other dtypes keep its
+//! composite (calling this on another backend panics).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -26,7 +27,8 @@ use std::mem::MaybeUninit;
 
 /// x / (1 + exp(-x)), the exponent capped at 80 (as `nn::silu`: no overflow, and SiLU is 0 to
 /// float32 precision below -80 either way).
-#[backend_extension(Flex, Autodiff)]
+// CubeCL: `cube_silu` (see models/build.rs for `cube_kernels`).
+#[backend_extension(Flex, Cube: cfg(cube_kernels), Autodiff)]
 pub trait SiluBackend: Backend {
     fn silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 

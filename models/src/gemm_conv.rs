@@ -66,6 +66,14 @@ pub trait GemmConvBackend: Backend {
         burn_conv2d_x_backward::<Self>(x, weight, grad, stride, pad_h, pad_w)
     }
 
+    /// `weight` as the kernels read it, made once for the forward pass and kept for the input
+    /// gradient: on CubeCL channels last (Burn's kernels compute in NHWC and would copy an NCHW
+    /// weight at each call), elsewhere `weight` itself.
+    #[fusion(dtype = weight, shape = weight)]
+    fn gemm_conv2d_weight_layout(weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        weight
+    }
+
     /// The gradient for `weight` given the output's gradient `grad`.
     #[fusion(dtype = weight, shape = weight)]
     fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
@@ -150,6 +158,12 @@ mod cube {
     }
 
     impl GemmConvBackend for CubeBackend {
+        // Under Burn's fusion (no `cube_kernels`) the default: the kernels copy at each call.
+        #[cfg(cube_kernels)]
+        fn gemm_conv2d_weight_layout(weight: FloatTensor<Self>) -> FloatTensor<Self> {
+            channels_last(weight)
+        }
+
         fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
             implicit_gemm_or_direct("convolution", &x, &weight.shape(), &o, |s| conv_forward::<2>(x.clone(), weight.clone(), None, o.clone(), s))
@@ -168,19 +182,18 @@ mod cube {
 }
 
 /// The backward pass: both gradients from the inner backend's kernels, from the saved input
-/// and weight (no im2col copy kept).
+/// and the weight in the kernels' layout (no im2col copy kept).
 #[derive(Debug)]
 struct GemmConvBackward;
 
 impl<B: Backend + GemmConvBackend> Backward<B, 2> for GemmConvBackward {
-    type State = (NodeId, NodeId, [usize; 3]);
+    type State = (NodeId, B::FloatTensorPrimitive, [usize; 3]);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let [node_x, node_weight] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (x_state, weight_state, [stride, ph, pw]) = ops.state;
+        let (x_state, weight, [stride, ph, pw]) = ops.state;
         let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
         if let Some(node) = node_x {
             grads.register::<B>(node.id, B::gemm_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), stride, ph, pw));
         }
@@ -194,8 +207,9 @@ impl<B: Backend + GemmConvBackend, C: CheckpointStrategy> GemmConvBackend for Au
     fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
         match GemmConvBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), [stride, pad_h, pad_w]);
-                let out = B::gemm_conv2d(x.into_parts().0, weight.into_parts().0, stride, pad_h, pad_w);
+                let weight = B::gemm_conv2d_weight_layout(weight.into_parts().0);
+                let state = (prep.checkpoint(&x), weight.clone(), [stride, pad_h, pad_w]);
+                let out = B::gemm_conv2d(x.into_parts().0, weight, stride, pad_h, pad_w);
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::gemm_conv2d(x.into_parts().0, weight.into_parts().0, stride, pad_h, pad_w)),

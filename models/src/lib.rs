@@ -14,6 +14,8 @@ pub mod cpu_group_norm;
 mod cube_attention;
 #[cfg(cube_kernels)]
 mod cube_group_norm;
+#[cfg(cube_kernels)]
+mod cube_silu;
 pub mod cpu_silu;
 pub mod dhariwal;
 pub mod gemm_conv;
