@@ -115,7 +115,8 @@ fn views(qkv: CubeTensor, heads: usize) -> ((usize, usize, usize), [CubeTensor; 
 
 /// The attention weights softmax(q^T k / sqrt(ch)), [units, hw, hw].
 fn weights(q: CubeTensor, k: CubeTensor, units: usize, ch: usize, hw: usize) -> CubeTensor {
-    let s = CubeBackend::float_matmul(CubeBackend::float_swap_dims(q, 1, 2), k);
+    // Contiguous for the kernel's linear rows (a product's output may have padded rows on CUDA).
+    let s = f32_contiguous(CubeBackend::float_matmul(CubeBackend::float_swap_dims(q, 1, 2), k));
     let p = empty(&s, s.shape());
     let (count, dim, threads) = row_grid(&s, units * hw);
     let client = s.client.clone();
@@ -140,7 +141,7 @@ impl AttentionBackend for CubeBackend {
         let dout = Self::float_reshape(f32_contiguous(grad), Shape::from([units, ch, hw]));
         // dv [ch, hw_k] = dout P; dP [hw_q, hw_k] = dout^T v.
         let dv = Self::float_matmul(dout.clone(), p.clone());
-        let dp = Self::float_matmul(Self::float_swap_dims(dout, 1, 2), v);
+        let dp = f32_contiguous(Self::float_matmul(Self::float_swap_dims(dout, 1, 2), v));
         let ds = empty(&dp, dp.shape());
         let (count, dim, threads) = row_grid(&dp, units * hw);
         let client = dp.client.clone();

@@ -136,7 +136,7 @@ pub(crate) mod cube {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nhwc_to_nchw};
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::CubeBackend;
@@ -183,9 +183,12 @@ pub(crate) mod cube {
         }
     }
 
-    /// An uninitialised contiguous tensor of `shape` on `like`'s device, in its dtype.
+    /// An uninitialised contiguous tensor of `shape` on `like`'s device, in its dtype. Truly
+    /// contiguous: the kernels write it by linear position, and CUDA's default allocation
+    /// (Burn's `empty_device_dtype`) pads each row whose bytes are not a multiple of its
+    /// alignment (a 3x3 convolution's weight, whose last dimension is 3, gets rows of 4).
     pub(crate) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
-        empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
+        empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
     }
 
     /// `t` made contiguous (the kernels index every tensor by its contiguous position),

@@ -68,8 +68,8 @@ pub trait GemmConvBackend: Backend {
 
     /// `weight` as the kernels read it, made once for the forward pass and kept for the input
     /// gradient: on CubeCL channels last (Burn's kernels compute in NHWC and would copy an NCHW
-    /// weight at each call), elsewhere `weight` itself.
-    #[fusion(dtype = weight, shape = weight)]
+    /// weight at each call), elsewhere (fusion included: no recorded operation) `weight` itself.
+    #[fusion(default)]
     fn gemm_conv2d_weight_layout(weight: FloatTensor<Self>) -> FloatTensor<Self> {
         weight
     }
@@ -122,7 +122,7 @@ mod cube {
     /// cost copies of its inputs before it fails).
     fn implicit_gemm_or_direct<T, E: Debug>(op: &str, x: &CubeTensor, weight: &Shape, o: &ConvOptions<2>, run: impl Fn(ConvStrategy) -> Result<T, E>) -> T {
         static DECLINED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-        let what = format!("input {:?} ({:?}), weight {:?}, stride {:?}, padding {:?}", x.shape(), x.dtype, weight, o.stride, o.padding);
+        let what = format!("input {:?} ({:?}, strides {:?}), weight {:?}, stride {:?}, padding {:?}", x.shape(), x.dtype, x.meta.strides(), weight, o.stride, o.padding);
         let key = format!("{op} {what}");
         let direct = |run: &dyn Fn(ConvStrategy) -> Result<T, E>| run(ConvStrategy::Direct).unwrap_or_else(|e| panic!("direct {op} of {what}: {e:?}"));
         if DECLINED.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
@@ -143,7 +143,7 @@ mod cube {
     impl crate::cpu_conv::ConvBiasBackend for CubeBackend {
         fn conv2d_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            implicit_gemm_or_direct("convolution", &x, &weight.shape(), &o, |s| conv_forward::<2>(x.clone(), weight.clone(), Some(bias.clone()), o.clone(), s))
+            implicit_gemm_or_direct("convolution with bias", &x, &weight.shape(), &o, |s| conv_forward::<2>(x.clone(), weight.clone(), Some(bias.clone()), o.clone(), s))
         }
 
         fn conv2d_bias_param_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
@@ -151,9 +151,15 @@ mod cube {
             let o = options(stride, pad_h, pad_w);
             let grad = channels_last(grad);
             let dw = implicit_gemm_or_direct("weight gradient", &x, &weight.shape(), &o, |s| conv_weight_backward::<2>(x.clone(), grad.clone(), weight.shape(), o.clone(), s));
+            // The sum over the N H W rows in two steps, [rows / k, k, O] summed over k, then over
+            // the rest: without Burn's autotune, its reduction gives each output one thread, so
+            // a single sum would run O threads over all rows.
             let [n, out, h, w] = grad.shape().dims();
-            let rows = Self::float_reshape(permute_nchw_to_nhwc(grad), Shape::from([n * h * w, out]));
-            (dw, Self::float_reshape(Self::float_sum_dim(rows, 0), Shape::from([out])))
+            let rows = n * h * w;
+            let k = crate::nn::gcd(rows, 256);
+            let blocks = Self::float_reshape(permute_nchw_to_nhwc(grad), Shape::from([rows / k, k, out]));
+            let db = Self::float_sum_dim(Self::float_sum_dim(blocks, 1), 0);
+            (dw, Self::float_reshape(db, Shape::from([out])))
         }
     }
 

@@ -496,7 +496,8 @@ impl GroupNorm {
     fn one_operation(&self, x: Tensor<4>, modulation: Option<Tensor<2>>, silu: bool) -> Tensor<4> {
         let dtype = x.dtype();
         let modulation = modulation.map(|m| m.cast(FloatDType::F32));
-        crate::cpu_group_norm::group_norm(x.cast(FloatDType::F32), self.weight.val(), self.bias.val(), modulation, self.num_groups, self.eps, silu).cast(dtype)
+        let [weight, bias] = [self.weight.val(), self.bias.val()].map(|w| w.cast(FloatDType::F32));
+        crate::cpu_group_norm::group_norm(x.cast(FloatDType::F32), weight, bias, modulation, self.num_groups, self.eps, silu).cast(dtype)
     }
 }
 
