@@ -425,7 +425,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let net = EdmPrecond::new(&cfg, &device, 0).with_bf16_body(args.bf16);
         let conv = backend.conv_impl()?;
         let cube_kernels = dmd_models::nn::cube_kernels(&device);
-        println!("# {backend}: convolutions {conv:?}{}", if cube_kernels { ", this project's CubeCL kernels (group norm, Adam, EMA)" } else { "" });
+        println!("# {backend}: convolutions {conv:?}{}", if cube_kernels { ", this project's CubeCL kernels (group norm, attention, SiLU, conv bias, Adam, EMA)" } else { "" });
         if params.is_none() {
             params = Some(net.num_params());
             println!("# {:.1}M parameters; a DMD run's weights, gradients and AdamW moments: {:.2} GiB before activations", net.num_params() as f64 / 1e6, static_gib(net.num_params()));

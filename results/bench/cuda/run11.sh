@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Prepared 2026-11-27 for the next device call (not yet run: that session had no device). It
-# checks and times this project's CubeCL kernels (group norm + SiLU, the Adam/AdamW and EMA
-# updates; on by default, DMD_CUBE_KERNELS=off runs Burn's ops instead) in one `dmd`:
+# Prepared 2026-11-27 for the next device call (not yet run: the two sessions since had no
+# device). It checks and times this project's CubeCL code (group norm + SiLU + modulation in
+# either memory layout, attention, SiLU, the convolution's bias in the implicit-GEMM kernel, the
+# Adam/AdamW and EMA updates; on by default, DMD_CUBE_KERNELS=off runs Burn's ops instead) in
+# one `dmd`:
 #  1. correctness first: adm_tiny against the official outputs (--check-reference) and the
-#     building blocks' errors against the CPU (--ops --bf16: the group_norm+silu+scale row is
-#     the new kernel's forward and backward), kernels on and off;
+#     building blocks' errors against the CPU (--ops --bf16: the group_norm+silu+scale,
+#     attention and silu rows are the new kernels' forward and backward; the convolutions with
+#     bias are in the whole network's check), kernels on and off;
 #  2. the training loops (run10's teacher losses, to set beside h100/run10 and the CPU's);
 #  3. the ImageNet-64 ADM's teacher-step split and DMD iteration at batch 8, kernels on and off,
 #     and PyTorch's in the same call.
