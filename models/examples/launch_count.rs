@@ -115,7 +115,7 @@ fn measure() {
         }
     }
     set_conv_impl(conv);
-    let config = EdmConfig::from_json_file(std::path::Path::new(&net)).unwrap_or_else(|e| fail(&format!("{net}: {e}")));
+    let config = EdmConfig::from_json_file(std::path::Path::new(&net)).unwrap_or_else(|e| fail(&e.to_string()));
     let device = Device::cpu().autodiff();
     let network = EdmPrecond::new(&config, &device, 0);
     let [c, h, w] = network.image_shape();
