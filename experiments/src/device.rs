@@ -69,9 +69,10 @@ impl Backend {
     }
 }
 
-/// `DMD_CUBE_KERNELS=on|off` (default on): this project's CubeCL kernels on CUDA (group norm +
-/// SiLU, the Adam/AdamW and EMA updates; `models/src/cube_group_norm.rs`, `fused_update.rs`);
-/// off runs Burn's ops there instead, for comparisons. The CPU backends ignore it.
+/// `DMD_CUBE_KERNELS=on|off` (default on): this project's CubeCL code on CUDA (group norm,
+/// attention, SiLU, the convolutions' bias, the Adam/AdamW and EMA updates; `models/src/cube_*.rs`,
+/// `gemm_conv.rs`, `fused_update.rs`); off runs Burn's ops there instead, for comparisons. The
+/// CPU backends ignore it.
 pub fn cube_kernels() -> Result<bool> {
     parse_cube_kernels(&std::env::var("DMD_CUBE_KERNELS").unwrap_or_default())
 }

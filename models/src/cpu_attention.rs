@@ -38,14 +38,14 @@ pub trait AttentionBackend: Backend {
 
 /// One attention's sizes: `units` = N * heads, `ch` channels per head, `hw` positions.
 #[derive(Clone, Copy, Debug)]
-struct Sizes {
-    units: usize,
-    ch: usize,
-    hw: usize,
+pub(crate) struct Sizes {
+    pub(crate) units: usize,
+    pub(crate) ch: usize,
+    pub(crate) hw: usize,
 }
 
 impl Sizes {
-    fn new(qkv: &Shape, heads: usize) -> Self {
+    pub(crate) fn new(qkv: &Shape, heads: usize) -> Self {
         let (n, c3) = (qkv[0], qkv[1]);
         assert!(c3 % (3 * heads) == 0, "attention: {c3} channels do not split into q, k, v of {heads} heads");
         Self { units: n * heads, ch: c3 / 3 / heads, hw: qkv.num_elements() / (n * c3).max(1) }

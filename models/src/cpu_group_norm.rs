@@ -216,15 +216,15 @@ impl GroupNormBackend for Flex {
 
 /// N samples, C channels in `groups` groups, `hw` values per channel.
 #[derive(Clone, Copy, Debug)]
-struct Sizes {
-    n: usize,
-    c: usize,
+pub(crate) struct Sizes {
+    pub(crate) n: usize,
+    pub(crate) c: usize,
     groups: usize,
-    hw: usize,
+    pub(crate) hw: usize,
 }
 
 impl Sizes {
-    fn new(shape: &Shape, groups: usize) -> Self {
+    pub(crate) fn new(shape: &Shape, groups: usize) -> Self {
         let (n, c) = (shape[0], shape[1]);
         assert!(groups > 0 && c % groups == 0, "group_norm: {c} channels do not split into {groups} groups");
         Self { n, c, groups, hw: shape.num_elements() / (n * c).max(1) }

@@ -10,9 +10,9 @@
 //! launches forward, 8 backward (one more each where the input is not contiguous). The attention weights are recomputed in the backward pass
 //! rather than kept, as on flex.
 
-use crate::cpu_attention::AttentionBackend;
+use crate::cpu_attention::{AttentionBackend, Sizes};
 use crate::cube_group_norm::{cube_reduce, cube_sum};
-use crate::fused_update::cube::{empty, f32_contiguous, grid};
+use crate::fused_update::cube::{cube_per_unit, empty, f32_contiguous, grid};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::TensorMetadata;
@@ -92,20 +92,10 @@ fn interleave_kernel(dq: &Tensor<f32>, dk: &Tensor<f32>, dv: &Tensor<f32>, dqkv:
     }
 }
 
-/// One cube per row, of 256 threads or the largest power of two the device allows.
-fn row_grid(t: &CubeTensor, rows: usize) -> (CubeCount, CubeDim, usize) {
-    let most = t.client.properties().hardware.max_cube_dim.0.clamp(1, 256) as usize;
-    let threads = 1 << most.ilog2();
-    (CubeCount::Static(rows as u32, 1, 1), CubeDim::new_1d(threads as u32), threads)
-}
-
 /// `qkv` [N, 3C, H, W] (contiguous) as units = N * heads, ch channels per head, hw positions,
 /// and the views q, k, v [units, ch, hw] of it (rows 3 hw apart).
 fn views(qkv: CubeTensor, heads: usize) -> ((usize, usize, usize), [CubeTensor; 3]) {
-    let shape = qkv.shape();
-    let (n, c3) = (shape[0], shape[1]);
-    assert!(c3 % (3 * heads) == 0, "attention: {c3} channels do not split into q, k, v of {heads} heads");
-    let (units, ch, hw) = (n * heads, c3 / 3 / heads, shape.num_elements() / (n * c3).max(1));
+    let Sizes { units, ch, hw } = Sizes::new(&qkv.shape(), heads);
     // Each unit's channel rows hold [q | k | v]: slicing the rows gives the views (a reshape of
     // a slice of [units, ch, 3, hw] would copy).
     let t = CubeBackend::float_reshape(qkv, Shape::from([units, ch, 3 * hw]));
@@ -118,7 +108,7 @@ fn weights(q: CubeTensor, k: CubeTensor, units: usize, ch: usize, hw: usize) -> 
     // Contiguous for the kernel's linear rows (a product's output may have padded rows on CUDA).
     let s = f32_contiguous(CubeBackend::float_matmul(CubeBackend::float_swap_dims(q, 1, 2), k));
     let p = empty(&s, s.shape());
-    let (count, dim, threads) = row_grid(&s, units * hw);
+    let (count, dim, threads) = cube_per_unit(&s, units * hw);
     let client = s.client.clone();
     softmax_kernel::launch(&client, count, dim, s.into_tensor_arg(), p.clone().into_tensor_arg(), hw, 1.0 / (ch as f32).sqrt(), threads);
     p
@@ -143,7 +133,7 @@ impl AttentionBackend for CubeBackend {
         let dv = Self::float_matmul(dout.clone(), p.clone());
         let dp = f32_contiguous(Self::float_matmul(Self::float_swap_dims(dout, 1, 2), v));
         let ds = empty(&dp, dp.shape());
-        let (count, dim, threads) = row_grid(&dp, units * hw);
+        let (count, dim, threads) = cube_per_unit(&dp, units * hw);
         let client = dp.client.clone();
         softmax_backward_kernel::launch(&client, count, dim, p.into_tensor_arg(), dp.into_tensor_arg(), ds.clone().into_tensor_arg(), hw, 1.0 / (ch as f32).sqrt(), threads);
         // dq [ch, hw_q] = k dS^T; dk [ch, hw_k] = q dS.

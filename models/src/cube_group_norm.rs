@@ -13,8 +13,8 @@
 //! bias and of EDM's modulation. The modulation is read and folded into the affine inside the
 //! kernels, so an adaptive block's norm is 1 launch forward and 2 backward instead of ~5 and ~13.
 
-use crate::cpu_group_norm::GroupNormBackend;
-use crate::fused_update::cube::{channels_last, empty, f32_contiguous, grid, is_channels_last};
+use crate::cpu_group_norm::{GroupNormBackend, Sizes};
+use crate::fused_update::cube::{channels_last, cube_per_unit, empty, f32_contiguous, grid, is_channels_last};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::TensorMetadata;
 use burn::tensor::{DType, Shape};
@@ -304,22 +304,6 @@ fn affine_gradient_kernel(
     }
 }
 
-/// (N, C, values per channel) of `x` [N, C, ...], checking that C splits into `groups`.
-fn sizes(x: &CubeTensor, groups: usize) -> (usize, usize, usize) {
-    let shape = x.shape();
-    let (n, c) = (shape[0], shape[1]);
-    assert!(groups > 0 && c % groups == 0, "group_norm: {c} channels do not split into {groups} groups");
-    (n, c, shape.num_elements() / (n * c).max(1))
-}
-
-/// One cube per unit, of 256 threads or the largest power of two the device allows in a cube
-/// (CubeCL's CPU runtime: its cores, since a cube's threads wait for each other).
-fn launch_grid(x: &CubeTensor, n: usize, groups: usize) -> (CubeCount, CubeDim, usize) {
-    let most = x.client.properties().hardware.max_cube_dim.0.clamp(1, 256) as usize;
-    let threads = 1 << most.ilog2();
-    (CubeCount::Static((n * groups) as u32, 1, 1), CubeDim::new_1d(threads as u32), threads)
-}
-
 /// `t` as float32 in the kernels' layout: contiguous, or channels last.
 fn in_layout(t: CubeTensor, last: bool) -> CubeTensor {
     match last {
@@ -343,7 +327,6 @@ fn empty_in_layout(like: &CubeTensor, channels_last: bool) -> CubeTensor {
 /// last; the weights contiguous; without modulation, the weight stands in for it (a kernel
 /// argument the kernels then never read).
 fn inputs(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, modulation: Option<CubeTensor>) -> ([CubeTensor; 4], bool) {
-    assert_eq!(x.dtype, DType::F32, "this crate's CubeCL kernels take float32 tensors");
     let channels_last = is_channels_last(&x);
     let [weight, bias] = [weight, bias].map(f32_contiguous);
     let modulation = modulation.map_or_else(|| weight.clone(), f32_contiguous);
@@ -353,12 +336,11 @@ fn inputs(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, modulation: Optio
 fn forward(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, modulation: Option<CubeTensor>, groups: usize, eps: f64, silu: bool) -> CubeTensor {
     let modulated = modulation.is_some();
     let ([x, weight, bias, modulation], channels_last) = inputs(x, weight, bias, modulation);
-    let (n, c, hw) = sizes(&x, groups);
+    let Sizes { n, c, hw, .. } = Sizes::new(&x.shape(), groups);
     let y = empty_in_layout(&x, channels_last);
-    let (count, dim, threads) = launch_grid(&x, n, groups);
+    let (count, dim, threads) = cube_per_unit(&x, n * groups);
     let client = x.client.clone();
-    let args = [x, weight, bias, modulation, y.clone()].map(|t| t.into_tensor_arg());
-    let [x, weight, bias, modulation, y_arg] = args;
+    let [x, weight, bias, modulation, y_arg] = [x, weight, bias, modulation, y.clone()].map(|t| t.into_tensor_arg());
     forward_kernel::launch(&client, count, dim, x, weight, bias, modulation, y_arg, groups, c, hw, eps as f32, silu, modulated, channels_last, threads);
     y
 }
@@ -377,11 +359,10 @@ fn backward(
 ) -> (CubeTensor, CubeTensor, CubeTensor, Option<CubeTensor>) {
     let modulated = modulation.is_some();
     let ([x, weight, bias, modulation], channels_last) = inputs(x, weight, bias, modulation);
-    assert_eq!(grad.dtype, DType::F32, "this crate's CubeCL kernels take float32 tensors");
     let grad = in_layout(grad, channels_last);
-    let (n, c, hw) = sizes(&x, groups);
+    let Sizes { n, c, hw, .. } = Sizes::new(&x.shape(), groups);
     let (dx, da, db) = (empty_in_layout(&x, channels_last), empty(&x, Shape::from([n, c])), empty(&x, Shape::from([n, c])));
-    let (count, dim, threads) = launch_grid(&x, n, groups);
+    let (count, dim, threads) = cube_per_unit(&x, n * groups);
     let client = x.client.clone();
     backward_kernel::launch(
         &client,

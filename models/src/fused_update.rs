@@ -218,6 +218,15 @@ pub(crate) mod cube {
         permute_nhwc_to_nchw(into_contiguous(permute_nchw_to_nhwc(t)))
     }
 
+    /// The launch grid of one cube per unit of work (`units` of them) for kernels on `t`'s
+    /// device, with the cube's threads: 256, or the largest power of two the device allows in
+    /// a cube (CubeCL's CPU runtime: its cores, since a cube's threads wait for each other).
+    pub(crate) fn cube_per_unit(t: &CubeTensor, units: usize) -> (CubeCount, CubeDim, usize) {
+        let most = t.client.properties().hardware.max_cube_dim.0.clamp(1, 256) as usize;
+        let threads = 1 << most.ilog2();
+        (CubeCount::Static(units as u32, 1, 1), CubeDim::new_1d(threads as u32), threads)
+    }
+
     /// The launch grid of one thread per element of `t`.
     pub(crate) fn grid(t: &CubeTensor) -> (CubeCount, CubeDim) {
         let n = t.shape().num_elements();

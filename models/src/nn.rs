@@ -355,8 +355,7 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
     if cube_kernels(&x.device()) {
         // One kernel each way on CUDA too (`cube_silu`), in float32.
-        let dtype = x.dtype();
-        return crate::cpu_silu::silu(x.cast(FloatDType::F32)).cast(dtype);
+        return in_float32(x, crate::cpu_silu::silu);
     }
     x.clone() / x.neg().clamp_max(80.0).exp().add_scalar(1.0)
 }
@@ -494,11 +493,17 @@ impl GroupNorm {
     /// In float32 whatever the activations' dtype (on flex they are float32 already: the casts
     /// do nothing), which it returns.
     fn one_operation(&self, x: Tensor<4>, modulation: Option<Tensor<2>>, silu: bool) -> Tensor<4> {
-        let dtype = x.dtype();
         let modulation = modulation.map(|m| m.cast(FloatDType::F32));
         let [weight, bias] = [self.weight.val(), self.bias.val()].map(|w| w.cast(FloatDType::F32));
-        crate::cpu_group_norm::group_norm(x.cast(FloatDType::F32), weight, bias, modulation, self.num_groups, self.eps, silu).cast(dtype)
+        in_float32(x, |x| crate::cpu_group_norm::group_norm(x, weight, bias, modulation, self.num_groups, self.eps, silu))
     }
+}
+
+/// `op` on `x` in float32 (this crate's single operations take float32), its result returned
+/// in `x`'s dtype; in float32 both casts do nothing.
+fn in_float32<const D: usize>(x: Tensor<D>, op: impl FnOnce(Tensor<D>) -> Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    op(x.cast(FloatDType::F32)).cast(dtype)
 }
 
 pub(crate) fn gcd(a: usize, b: usize) -> usize {
@@ -740,8 +745,7 @@ pub fn attention(qkv: Tensor<4>, num_heads: usize) -> Tensor<4> {
     }
     if cube_kernels(&qkv.device()) {
         // On CUDA too (`cube_attention`), in float32 whatever the body's dtype.
-        let dtype = qkv.dtype();
-        return crate::cpu_attention::attention(qkv.cast(FloatDType::F32), num_heads).cast(dtype);
+        return in_float32(qkv, |qkv| crate::cpu_attention::attention(qkv, num_heads));
     }
     let [n, c3, h, w] = qkv.dims();
     let (c, heads) = (c3 / 3, num_heads);
