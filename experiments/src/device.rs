@@ -1,6 +1,7 @@
 //! The backend, chosen at run time: `cpu` (Burn's pure-Rust `flex` backend, the default:
 //! deterministic and much faster than ndarray for training), `ndarray`, or `cuda` (when built
-//! with `--features cuda`).
+//! with `--features cuda`); and, to check the CUDA build's code without a GPU, `cube-cpu`
+//! (when built with `--features cube-cpu`).
 
 use anyhow::Result;
 use dmd_models::nn::ConvImpl;
@@ -17,6 +18,11 @@ pub enum Backend {
     Ndarray,
     /// NVIDIA GPU (build with `--features cuda`).
     Cuda,
+    /// CubeCL's CPU runtime (build with `--features cube-cpu`): runs the code CUDA runs (Burn's
+    /// CubeCL kernels and this project's, `models/src/cube_*.rs`), slowly, to check it and to
+    /// count its kernel launches without a GPU. Not for training.
+    #[serde(rename = "cube-cpu")]
+    CubeCpu,
 }
 
 impl std::fmt::Display for Backend {
@@ -25,6 +31,7 @@ impl std::fmt::Display for Backend {
             Self::Cpu => "cpu",
             Self::Ndarray => "ndarray",
             Self::Cuda => "cuda",
+            Self::CubeCpu => "cube-cpu",
         })
     }
 }
@@ -47,6 +54,7 @@ impl Backend {
             #[allow(deprecated)]
             Self::Ndarray => Device::ndarray(),
             Self::Cuda => cuda_device(index)?,
+            Self::CubeCpu => cube_cpu_device()?,
         })
     }
 
@@ -55,7 +63,8 @@ impl Backend {
     /// its `autotune` feature runs `conv2d` as a direct kernel, many times slower;
     /// results/bench/cuda) and on flex (`cpu_conv`'s blocked im2col products, ~2x Burn's
     /// `conv2d` forward + backward; results/bench/README.md), and Burn's own `conv2d` on
-    /// ndarray, the deterministic reference.
+    /// ndarray, the deterministic reference. `cube-cpu` is as CUDA (where the CPU runtime has
+    /// no implicit-GEMM kernel, Burn's direct kernels run behind `gemm`).
     pub fn conv_impl(self) -> Result<ConvImpl> {
         let choice = std::env::var("DMD_CONV").unwrap_or_default().trim().to_ascii_lowercase();
         match choice.as_str() {
@@ -95,9 +104,36 @@ fn cuda_device(_index: usize) -> Result<Device> {
     anyhow::bail!("this `dmd` was built without CUDA support: rebuild with `cargo build --release --features cuda` (see README, 'CUDA')")
 }
 
+#[cfg(feature = "cube-cpu")]
+fn cube_cpu_device() -> Result<Device> {
+    Ok(Device::cpu())
+}
+
+#[cfg(not(feature = "cube-cpu"))]
+fn cube_cpu_device() -> Result<Device> {
+    anyhow::bail!("this `dmd` was built without `--features cube-cpu` (CubeCL's CPU runtime; see README, 'CUDA')")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_cube_kernels;
+    use super::{parse_cube_kernels, Backend};
+
+    #[test]
+    fn cube_cpu_has_one_name_in_configs_and_on_the_command_line() {
+        use clap::ValueEnum;
+        #[derive(serde::Deserialize)]
+        struct Config {
+            device: Backend,
+        }
+        let from_config: Config = toml::from_str("device = \"cube-cpu\"").unwrap();
+        assert_eq!(from_config.device, Backend::CubeCpu);
+        assert_eq!(Backend::from_str("cube-cpu", false).unwrap(), Backend::CubeCpu);
+        assert_eq!(Backend::CubeCpu.to_string(), "cube-cpu");
+        if !cfg!(feature = "cube-cpu") {
+            let err = Backend::CubeCpu.device().unwrap_err().to_string();
+            assert!(err.contains("--features cube-cpu"), "{err}");
+        }
+    }
 
     #[test]
     fn cube_kernels_are_on_unless_turned_off() {

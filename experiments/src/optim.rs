@@ -5,6 +5,8 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{Adam, AdamConfig, AdamState, AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::Dispatch;
 use burn::tensor::{Device, FloatDType, Tensor};
 use dmd_models::fused_update::{self, AdamStep};
 
@@ -40,34 +42,62 @@ pub fn grad_norm<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
 /// parameter: ~600 on ImageNet's ADM, each a stall on a GPU). On the CPU backends each
 /// parameter's sum is taken on the device and the sums are added in float64 on the host, in
 /// parameter order. On a GPU, where every tensor op is a kernel launch (~30 us each on the
-/// H100 here), the flattened gradients are concatenated and summed once in float32: N + 2
-/// launches instead of ~3N, for a transient copy of all gradients (and its squares).
+/// H100 here), one kernel per gradient writes its partial sums into one buffer, read back and
+/// added in float64 (`fused_update::sum_of_squares`: N launches, no copies); where this
+/// project's CubeCL kernels are off (Burn's fusion, `DMD_CUBE_KERNELS=off`), the flattened
+/// gradients are concatenated and summed once in float32 (N + 2 launches and a copy of all
+/// gradients, plus a copy of each that is not contiguous).
 fn sum_squares<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
     sum_squares_as(grads, module, None)
 }
 
-/// [`sum_squares`], the GPU's way or the CPU's as `on_gpu` says (`None`: as the device is).
-fn sum_squares_as<M: Module>(grads: &GradientsParams, module: &M, on_gpu: Option<bool>) -> f64 {
+/// How [`sum_squares`] takes the sums: the CPU's way, or on a GPU with this project's kernel
+/// or with Burn's ops.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum SquaresOn {
+    Cpu,
+    GpuKernel,
+    GpuCat,
+}
+
+/// [`sum_squares`], in the way `on` says (`None`: as the device is).
+fn sum_squares_as<M: Module>(grads: &GradientsParams, module: &M, on: Option<SquaresOn>) -> f64 {
     struct Collect<'a> {
         grads: &'a GradientsParams,
-        /// Per-parameter sums (CPU) or flattened gradients (GPU).
+        /// Per-parameter sums (CPU) or flattened gradients (GPU, Burn's ops).
         parts: Vec<Tensor<1>>,
-        on_gpu: Option<bool>,
+        /// The gradients for the kernel, and their device.
+        kernel: Vec<FloatTensor<Dispatch>>,
+        device: Option<Device>,
+        on: Option<SquaresOn>,
     }
     impl ModuleVisitor for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                let on_gpu = *self.on_gpu.get_or_insert_with(|| launch_bound(&g.device()));
-                self.parts.push(if on_gpu { g.flatten(0, D - 1).cast(FloatDType::F32) } else { g.square().sum().cast(FloatDType::F32) });
+                let g = g.cast(FloatDType::F32);
+                let on = *self.on.get_or_insert_with(|| match (launch_bound(&g.device()), fused_update::takes(&g)) {
+                    (false, _) => SquaresOn::Cpu,
+                    (true, true) => SquaresOn::GpuKernel,
+                    (true, false) => SquaresOn::GpuCat,
+                });
+                match on {
+                    SquaresOn::Cpu => self.parts.push(g.square().sum()),
+                    SquaresOn::GpuKernel => {
+                        self.device.get_or_insert_with(|| g.device());
+                        self.kernel.push(g.into_dispatch());
+                    }
+                    SquaresOn::GpuCat => self.parts.push(g.flatten(0, D - 1)),
+                }
             }
         }
     }
-    let mut c = Collect { grads, parts: Vec::new(), on_gpu };
+    let mut c = Collect { grads, parts: Vec::new(), kernel: Vec::new(), device: None, on };
     module.visit(&mut c);
-    let sums = match c.on_gpu {
+    let sums = match c.on {
         None => return 0.0,
-        Some(true) => Tensor::cat(c.parts, 0).square().sum(),
-        Some(false) => Tensor::cat(c.parts, 0),
+        Some(SquaresOn::GpuKernel) => return c.device.map_or(0.0, |device| fused_update::sum_of_squares(c.kernel, &device)),
+        Some(SquaresOn::GpuCat) => Tensor::cat(c.parts, 0).square().sum(),
+        Some(SquaresOn::Cpu) => Tensor::cat(c.parts, 0),
     };
     sums.into_data().iter::<f32>().map(f64::from).sum()
 }
@@ -251,10 +281,11 @@ mod tests {
         }
     }
 
-    /// Both ways of summing the squared gradients (per parameter on the CPU, concatenated on a
-    /// GPU) give the float64 sum of squares of all gradients to float32 rounding.
+    /// The three ways of summing the squared gradients (per parameter on the CPU; on a GPU,
+    /// partial sums per gradient from one kernel each, here flex's, or concatenated) give the
+    /// float64 sum of squares of all gradients to float32 rounding.
     #[test]
-    fn both_gradient_sums_are_the_sum_of_squares() {
+    fn the_three_gradient_sums_are_the_sum_of_squares() {
         use burn::module::Module;
         use burn::nn::{Linear, LinearConfig};
         #[derive(Module, Debug)]
@@ -275,9 +306,9 @@ mod tests {
             want += grads.get::<1>(bias.as_ref().unwrap().id).unwrap().into_data().iter::<f32>().map(|v| f64::from(v) * f64::from(v)).sum::<f64>();
         }
         assert!(want > 0.0);
-        for on_gpu in [false, true] {
-            let got = sum_squares_as(&grads, &net, Some(on_gpu));
-            assert!((got - want).abs() <= 1e-6 * want, "on_gpu {on_gpu}: {got} against {want}");
+        for on in [SquaresOn::Cpu, SquaresOn::GpuKernel, SquaresOn::GpuCat] {
+            let got = sum_squares_as(&grads, &net, Some(on));
+            assert!((got - want).abs() <= 1e-6 * want, "{on:?}: {got} against {want}");
         }
     }
 }

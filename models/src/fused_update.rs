@@ -60,7 +60,16 @@ pub trait UpdateBackend: Backend {
 
     /// ema * beta + net * one_minus_beta.
     fn ema_update(ema: FloatTensor<Self>, net: FloatTensor<Self>, beta: f32, one_minus_beta: f32) -> FloatTensor<Self>;
+
+    /// `partials` [rows, SQUARE_PARTS] with row `slot` replaced by partial sums of the squares
+    /// of `x`'s values, which add up to its sum of squares (float32; in place where `partials`
+    /// is not shared).
+    fn square_sums_into(partials: FloatTensor<Self>, slot: usize, x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
+
+/// Partial sums per tensor in [`UpdateBackend::square_sums_into`]: on CUDA the cubes that share a
+/// tensor (one kernel per tensor instead of a copy into one concatenation, a square and a sum).
+pub const SQUARE_PARTS: usize = 64;
 
 /// Elements per parallel task on flex.
 const CHUNK: usize = 1 << 14;
@@ -125,6 +134,19 @@ impl UpdateBackend for Flex {
         // Safety: every chunk writes all its values.
         FlexTensor::from_data(TensorData::new(unsafe { assume_init(out) }, ema.layout().shape().clone()))
     }
+
+    fn square_sums_into(partials: FloatTensor<Self>, slot: usize, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (partials, x) = (contiguous(&partials), contiguous(&x));
+        let shape = partials.layout().shape().clone();
+        let mut rows = f32s(&partials).to_vec();
+        let v = f32s(&x);
+        let part = v.len().div_ceil(SQUARE_PARTS).max(1);
+        for (k, out) in rows[slot * SQUARE_PARTS..][..SQUARE_PARTS].iter_mut().enumerate() {
+            let values = v.get(k * part..).map_or(&[][..], |rest| &rest[..rest.len().min(part)]);
+            *out = values.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() as f32;
+        }
+        FlexTensor::from_data(TensorData::new(rows, shape))
+    }
 }
 
 #[cfg(cube_kernels)]
@@ -141,7 +163,20 @@ pub(crate) mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::CubeBackend;
 
-    /// One thread per element; the same operations in the same order as the flex kernel.
+    /// Where value `i` (in `like`'s contiguous order) of `t`, a tensor of `like`'s shape with
+    /// strides of its own, lies in `t`'s buffer.
+    #[cube]
+    fn strided_offset(i: usize, like: &Tensor<f32>, t: &Tensor<f32>) -> usize {
+        let mut offset = 0usize;
+        for d in 0..t.rank() {
+            offset += (i / like.stride(d)) % like.shape(d) * t.stride(d);
+        }
+        offset
+    }
+
+    /// One thread per element; the same operations in the same order as the flex kernel. A
+    /// `strided_grad` (a permutation of a contiguous layout, e.g. a convolution's weight
+    /// gradient computed channels last) is read where it lies instead of being copied first.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     fn adam_kernel(
@@ -162,10 +197,15 @@ pub(crate) mod cube {
         epsilon: f32,
         decay: f32,
         lr: f32,
+        #[comptime] strided_grad: bool,
     ) {
         let i = ABSOLUTE_POS;
         if i < param.len() {
-            let g = grad[i];
+            let mut at = i;
+            if strided_grad {
+                at = strided_offset(i, param, grad);
+            }
+            let g = grad[at];
             let a = m1[i] * beta_1 + g * one_minus_beta_1;
             let b = m2[i] * beta_2 + (g * g) * one_minus_beta_2;
             let update = ((a * m1_scale) / m1_divisor) / (f32::sqrt(b / m2_divisor) + epsilon);
@@ -173,6 +213,39 @@ pub(crate) mod cube {
             new_m1[i] = a;
             new_m2[i] = b;
         }
+    }
+
+    /// One of `SQUARE_PARTS` cubes on `x`'s `len` values: its threads' sums of squares, added
+    /// in the cube, into `partials[slot * SQUARE_PARTS + cube]`.
+    #[cube(launch)]
+    fn square_sum_kernel(x: &Tensor<f32>, partials: &mut Tensor<f32>, len: usize, slot: usize, #[comptime] threads: usize) {
+        let mut shared = Shared::new_slice(threads);
+        let step = comptime!(crate::fused_update::SQUARE_PARTS * threads);
+        let mut i = CUBE_POS as usize * threads + UNIT_POS as usize;
+        let mut acc = 0.0f32;
+        while i < len {
+            acc += x[i] * x[i];
+            i += step;
+        }
+        let total = crate::cube_group_norm::cube_sum(acc, &mut shared, threads);
+        if UNIT_POS == 0 {
+            partials[slot * comptime!(crate::fused_update::SQUARE_PARTS) + CUBE_POS as usize] = total;
+        }
+    }
+
+    /// Whether `t`'s values are its buffer's first `len` values in some order (a permutation of
+    /// a contiguous layout, such as a convolution's channels-last weight gradient): a sum over
+    /// them can read the buffer in order, without a copy.
+    fn is_dense(t: &CubeTensor) -> bool {
+        let shape = t.shape();
+        let mut dims: Vec<(usize, usize)> = t.meta.strides().iter().copied().zip(shape.iter().copied()).filter(|&(_, n)| n > 1).collect();
+        dims.sort_unstable();
+        let mut expected = 1;
+        dims.iter().all(|&(stride, n)| {
+            let ok = stride == expected;
+            expected *= n;
+            ok
+        })
     }
 
     #[cube(launch)]
@@ -220,11 +293,31 @@ pub(crate) mod cube {
 
     /// The launch grid of one cube per unit of work (`units` of them) for kernels on `t`'s
     /// device, with the cube's threads: 256, or the largest power of two the device allows in
-    /// a cube (CubeCL's CPU runtime: its cores, since a cube's threads wait for each other).
+    /// a cube (CubeCL's CPU runtime: its cores, since a cube's threads wait for each other);
+    /// `DMD_CUBE_THREADS` (a power of two up to 1024) overrides both, to tune on a GPU or to
+    /// run GPU-sized cubes on the CPU runtime (which then runs a thread per unit, slowly).
     pub(crate) fn cube_per_unit(t: &CubeTensor, units: usize) -> (CubeCount, CubeDim, usize) {
-        let most = t.client.properties().hardware.max_cube_dim.0.clamp(1, 256) as usize;
-        let threads = 1 << most.ilog2();
+        let threads = cube_threads_override().unwrap_or_else(|| {
+            let most = t.client.properties().hardware.max_cube_dim.0.clamp(1, 256) as usize;
+            1 << most.ilog2()
+        });
         (CubeCount::Static(units as u32, 1, 1), CubeDim::new_1d(threads as u32), threads)
+    }
+
+    /// `DMD_CUBE_THREADS`, read once; a value that is not a power of two up to 1024 is
+    /// reported once and ignored.
+    fn cube_threads_override() -> Option<usize> {
+        static VALUE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        *VALUE.get_or_init(|| {
+            let raw = std::env::var("DMD_CUBE_THREADS").ok()?;
+            match raw.trim().parse::<usize>() {
+                Ok(n) if n.is_power_of_two() && n <= 1024 => Some(n),
+                _ => {
+                    eprintln!("warning: DMD_CUBE_THREADS={raw:?} ignored: expected a power of two up to 1024");
+                    None
+                }
+            }
+        })
     }
 
     /// The launch grid of one thread per element of `t`.
@@ -249,7 +342,9 @@ pub(crate) mod cube {
             decay: f32,
             lr: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            let [param, grad, m1, m2] = [param, grad, m1, m2].map(f32_contiguous);
+            let strided_grad = grad.dtype == DType::F32 && !grad.is_contiguous() && is_dense(&grad);
+            let grad = if strided_grad { grad } else { f32_contiguous(grad) };
+            let [param, m1, m2] = [param, m1, m2].map(f32_contiguous);
             let client = param.client.clone();
             let (new_param, new_m1, new_m2) = (empty(&param, param.shape()), empty(&param, param.shape()), empty(&param, param.shape()));
             let (cube_count, cube_dim) = grid(&param);
@@ -274,6 +369,7 @@ pub(crate) mod cube {
                 epsilon,
                 decay,
                 lr,
+                strided_grad,
             );
             (new_param, new_m1, new_m2)
         }
@@ -286,6 +382,17 @@ pub(crate) mod cube {
             ema_kernel::launch(&client, cube_count, cube_dim, ema.into_tensor_arg(), net.into_tensor_arg(), out.clone().into_tensor_arg(), beta, one_minus_beta);
             out
         }
+
+        fn square_sums_into(partials: FloatTensor<Self>, slot: usize, x: FloatTensor<Self>) -> FloatTensor<Self> {
+            assert_eq!(x.dtype, DType::F32, "this crate's CubeCL kernels take float32 tensors");
+            assert!(partials.is_contiguous() && partials.is_contiguous_buffer(), "square_sums_into: the partial sums must be truly contiguous");
+            let partials = if partials.can_mut() { partials } else { partials.copy() };
+            let x = if is_dense(&x) { x } else { into_contiguous(x) };
+            let len = x.shape().num_elements();
+            let (count, dim, threads) = cube_per_unit(&x, super::SQUARE_PARTS);
+            square_sum_kernel::launch(&x.client.clone(), count, dim, x.into_tensor_arg(), partials.clone().into_tensor_arg(), len, slot, threads);
+            partials
+        }
     }
 }
 
@@ -296,6 +403,20 @@ pub fn takes<const D: usize>(t: &Tensor<D>) -> bool {
     // `Device`'s equality ignores autodiff; the extension has no autodiff routing.
     let device = t.device();
     t.dtype() == DType::F32 && !device.is_autodiff() && (device == Device::flex() || crate::nn::cube_kernels(&device))
+}
+
+/// The sum of squares of all `tensors`' values, each of which [`takes`] (in any dimension, as
+/// Burn's dispatch primitives: `Tensor::into_dispatch`; all on `device`): one kernel per tensor, with the
+/// partial sums read back at once and added in float64 on the host.
+pub fn sum_of_squares(tensors: Vec<FloatTensor<Dispatch>>, device: &Device) -> f64 {
+    if tensors.is_empty() {
+        return 0.0;
+    }
+    let mut partials = Tensor::<2>::zeros([tensors.len(), SQUARE_PARTS], device).into_dispatch();
+    for (slot, x) in tensors.into_iter().enumerate() {
+        partials = <Dispatch as UpdateBackend>::square_sums_into(partials, slot, x);
+    }
+    Tensor::<2>::from_dispatch(partials).into_data().iter::<f32>().map(f64::from).sum()
 }
 
 /// The step on a parameter, its gradient and moments, all of which [`takes`]: (param, m1, m2).
@@ -409,6 +530,29 @@ mod cube_tests {
                 assert_within(&what("second moment"), &f64s(new_b), &want[2], &tol[2]);
             }
         }
+    }
+
+    #[test]
+    fn the_cubecl_square_sums_are_the_sum_of_squares() {
+        let device = Device::cpu();
+        // Contiguous of several sizes (fewer values than cubes, more than all threads), a
+        // transposed view (dense: read in place), and a column slice (not dense: copied).
+        let base = tensor(613, 499, 7, false, false, &device);
+        let tensors: Vec<Tensor<2>> = vec![
+            tensor(1, 3, 1, false, false, &device),
+            tensor(37, 41, 2, false, false, &device),
+            base.clone(),
+            tensor(64, 96, 3, true, false, &device),
+            base.slice([0..613, 5..260]),
+        ];
+        for t in &tensors {
+            let want: f64 = f64s(t.clone()).iter().map(|v| v * v).sum();
+            let got = sum_of_squares(vec![t.clone().into_dispatch()], &device);
+            assert!((got - want).abs() <= 1e-6 * want, "{:?}: {got} against {want}", t.shape());
+        }
+        let want: f64 = tensors.iter().map(|t| f64s(t.clone()).iter().map(|v| v * v).sum::<f64>()).sum();
+        let got = sum_of_squares(tensors.into_iter().map(Tensor::into_dispatch).collect(), &device);
+        assert!((got - want).abs() <= 1e-6 * want, "all five: {got} against {want}");
     }
 
     #[test]
