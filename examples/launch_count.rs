@@ -109,7 +109,8 @@ fn measure() {
     use burn::optim::GradientsParams;
     use burn::tensor::{Device, Tensor, TensorData};
     use dmd_experiments::device::Backend;
-    use dmd_experiments::distill::{DistillConfig, Distiller};
+    use dmd_experiments::bench::bench_distill_config;
+    use dmd_experiments::distill::Distiller;
     use dmd_models::config::EdmConfig;
     use dmd_models::nn::{set_conv_impl, ConvImpl};
     use dmd_models::precond::EdmPrecond;
@@ -184,12 +185,8 @@ fn measure() {
         }
         Step::Dmd => {
             // As `dmd bench` runs it: the network (random weights) as teacher, DMD's defaults.
-            let dir = std::env::temp_dir().join(format!("dmd-launch-count-{}", std::process::id()));
-            let weights = dir.join("teacher.safetensors");
             let teacher = EdmPrecond::new(&config, &device, 0);
-            teacher.save(&weights).unwrap_or_else(|e| fail(&e.to_string()));
-            let toml = format!("out_dir = \"{}\"\ndevice = \"cube-cpu\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {batch}\n", dir.display(), weights.display());
-            let cfg: DistillConfig = toml::from_str(&toml).unwrap_or_else(|e| fail(&e.to_string()));
+            let (cfg, dir) = bench_distill_config(&teacher, Backend::CubeCpu, batch, 1, false).unwrap_or_else(|e| fail(&format!("{e:#}")));
             let mut distiller = Distiller::new(&cfg, None).unwrap_or_else(|e| fail(&format!("{e:#}")));
             // `Backend::device` sets the convolution from DMD_CONV; --conv wins.
             set_conv_impl(conv);

@@ -147,19 +147,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median time of one DMD iteration (generator update with the distribution-matching loss,
 /// then a fake-score update) with real score, fake score and generator all of `net`'s shape.
-fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Result<f64> {
+/// The distillation `dmd bench` times: `net` (its weights saved under a temporary folder,
+/// which the caller removes) as the teacher, DMD's defaults otherwise. Returns the config and
+/// the folder.
+pub fn bench_distill_config(net: &EdmPrecond, backend: Backend, batch: usize, replicas: usize, bf16: bool) -> Result<(DistillConfig, PathBuf)> {
     let dir = std::env::temp_dir().join(format!("dmd-bench-{}", std::process::id()));
     let weights = dir.join("teacher.safetensors");
     net.save(&weights)?;
     let cfg: DistillConfig = toml::from_str(&format!(
-        "out_dir = \"{}\"\ndevice = \"{backend}\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {}\ndevices = {}\nbf16_body = {}\n",
+        "out_dir = \"{}\"\ndevice = \"{backend}\"\n[teacher]\nweights = \"{}\"\n[train]\nbatch_size = {batch}\ndevices = {replicas}\nbf16_body = {bf16}\n",
         dir.display(),
         weights.display(),
-        args.batch,
-        args.replicas,
-        args.bf16
     ))?;
     cfg.validate()?;
+    Ok((cfg, dir))
+}
+
+fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Result<f64> {
+    let (cfg, dir) = bench_distill_config(net, backend, args.batch, args.replicas, args.bf16)?;
     // The main replica's step time is the iteration's: it includes waiting for the others' sums.
     let mut replicas = Replica::group(backend, args.replicas)?;
     let (main, device) = replicas.remove(0);
