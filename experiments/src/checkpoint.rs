@@ -313,7 +313,7 @@ mod tests {
 /// Loads an optimiser's state from `path` into `optim`, reading the whole file now: Burn's
 /// own `load` reads tensors lazily from the path, and a later checkpoint may have replaced the
 /// file by then (the replicas of a data-parallel run load the checkpoint the main one rewrites).
-pub fn load_optimizer(optim: burn::optim::ModuleOptimizer, path: &Path) -> Result<burn::optim::ModuleOptimizer> {
+pub fn load_optimizer(optim: crate::optim::Optim, path: &Path) -> Result<crate::optim::Optim> {
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
     optim.from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes)).map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))
 }

@@ -13,7 +13,7 @@ use crate::checkpoint::{load_optimizer, append_jsonl, guard_config, read_state, 
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::ema_update;
-use crate::optim::{clip_grad_norm, clip_grad_norm_joint, warmup_lr};
+use crate::optim::{clip_grad_norm, clip_grad_norm_joint, warmup_lr, Optim};
 use crate::output::preview_png;
 use crate::pairs::Pairs;
 use crate::parallel::{rows, run_replicas, Backprop, Replica, Shards};
@@ -21,7 +21,6 @@ use crate::sample::{latents_from_seeds, progress, run_generator, take_rows};
 use crate::teacher::{normals, step_seed, toy_eval_of, ToyEval};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{GaussianMixture, ToyDistribution, ToyKind};
 use dmd_losses::dmd::{fake_score_loss, weighted_distribution_matching_loss, DmWeighting, NoiseGrid};
@@ -255,7 +254,7 @@ impl DistillTrainConfig {
     /// Writes the optimisers (`NAME_optim.bpk`) and `state.json` of a checkpoint at `step`
     /// into `dir` (the step is the position of the learning-rate schedule, of the data and of
     /// every RNG: step `s` draws from generators seeded with `step_seed(seed, s, stream)`).
-    pub fn save_state(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard, optims: &[(&str, &ModuleOptimizer)]) -> Result<()> {
+    pub fn save_state(&self, dir: &Path, step: usize, nonfinite: &NonFiniteGuard, optims: &[(&str, &Optim)]) -> Result<()> {
         for (name, opt) in optims {
             let p = dir.join(format!("{name}_optim.bpk"));
             opt.save(&p).map_err(|e| anyhow::anyhow!("{}: {e:?}", p.display()))?;
@@ -456,7 +455,7 @@ impl StepStats {
 /// One clipped optimiser step of the generator from the gradients `bp` summed over the step's
 /// micro-batches, unless the loss or the gradient norm is NaN/Inf: then nothing changes and
 /// `stats` records why. Returns whether the step was applied.
-pub(crate) fn generator_update<M: Module>(bp: Backprop, generator: &mut M, optim: &mut ModuleOptimizer, lr: f64, grad_clip: f64, stats: &mut StepStats) -> bool {
+pub(crate) fn generator_update<M: Module>(bp: Backprop, generator: &mut M, optim: &mut Optim, lr: f64, grad_clip: f64, stats: &mut StepStats) -> bool {
     let mut grads = match bp.grads {
         Some(g) if bp.loss.is_finite() => g,
         _ => {
@@ -477,7 +476,7 @@ pub(crate) fn generator_update<M: Module>(bp: Backprop, generator: &mut M, optim
 /// The fake score's update from the gradients `bp` of its loss (with the GAN classifier's,
 /// whose head shares one clipping norm with the fake score, as DMD2 clips its guidance model
 /// as a whole); skipped and recorded in `stats` when the loss or the norm is NaN/Inf.
-pub(crate) fn fake_update<F: Module>(bp: Backprop, fake: &mut F, optim: &mut ModuleOptimizer, gan: Option<&mut Gan>, lr: f64, grad_clip: f64, stats: &mut StepStats) {
+pub(crate) fn fake_update<F: Module>(bp: Backprop, fake: &mut F, optim: &mut Optim, gan: Option<&mut Gan>, lr: f64, grad_clip: f64, stats: &mut StepStats) {
     let mut fake_grads = match bp.grads {
         Some(g) if bp.loss.is_finite() => g,
         _ => {
@@ -505,7 +504,7 @@ pub(crate) fn fake_update<F: Module>(bp: Backprop, fake: &mut F, optim: &mut Mod
 /// images are the run's `data`).
 pub struct Gan {
     pub head: GanHead,
-    pub optim: ModuleOptimizer,
+    pub optim: Optim,
 }
 
 /// `total + weight * term` (`weight * term` when there is no total yet).
@@ -552,8 +551,8 @@ pub struct Distiller {
     pub generator: EdmPrecond,
     pub fake: EdmPrecond,
     pub generator_ema: Option<EdmPrecond>,
-    pub generator_optim: ModuleOptimizer,
-    pub fake_optim: ModuleOptimizer,
+    pub generator_optim: Optim,
+    pub fake_optim: Optim,
     pub pairs: Option<Pairs>,
     pub lpips: Option<Lpips>,
     pub gan: Option<Gan>,

@@ -1,7 +1,7 @@
 //! Exponential moving average of a network's weights, with EDM's schedule (half-life in
 //! images, ramped up with the number of images seen).
 
-use dmd_models::fused_update;
+use dmd_models::fused_update::{self, UpdateQueue};
 use dmd_models::weights::{flat_params, map_params_flat};
 use burn::module::Module;
 
@@ -15,20 +15,23 @@ pub fn ema_beta(batch_size: usize, images_seen: u64, halflife_kimg: f64, rampup_
     0.5f64.powf(batch_size as f64 / ema_nimg.max(1e-8))
 }
 
-/// ema <- beta * ema + (1 - beta) * net, on the EMA's device (no autodiff): one kernel per
-/// parameter where `fused_update` takes the tensors (flex, CUDA; the same bits as Burn's three
-/// ops on flex), Burn's ops elsewhere.
+/// ema <- beta * ema + (1 - beta) * net, on the EMA's device (no autodiff): where
+/// `fused_update` takes the tensors one kernel per parameter on flex (the same bits as Burn's
+/// three ops) and one per 32 parameters on CUDA (queued, run at the end); Burn's ops elsewhere.
 pub fn ema_update<M: Module>(ema: M, net: &M, beta: f64) -> M {
     let current = flat_params(net);
-    map_params_flat(ema, |key, e| {
+    let mut queue = UpdateQueue::default();
+    let ema = map_params_flat(ema, |key, e| {
         let n = current.get(key).expect("EMA and network have the same parameters").clone();
         let n = n.to_device(&e.device());
         if fused_update::takes(&e) && fused_update::takes(&n) {
-            fused_update::ema_update(e, n, beta)
+            queue.ema(e, n, beta)
         } else {
             e.mul_scalar(beta) + n.mul_scalar(1.0 - beta)
         }
-    })
+    });
+    queue.run();
+    ema
 }
 
 #[cfg(test)]

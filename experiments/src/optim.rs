@@ -1,14 +1,18 @@
 //! Optimiser helpers Burn leaves to the user: clipping by the global gradient norm (PyTorch's
 //! `clip_grad_norm_`, as DMD2 uses; Burn's own clipping is per parameter) and linear warm-up;
-//! and Adam / AdamW with Burn's update rule and state records whose update is one kernel per
-//! parameter on flex and CUDA (`adam` and `adamw`).
+//! and Adam / AdamW ([`Optim`]) with Burn's update rule and state records, whose update is one
+//! kernel per parameter on flex and one per 32 parameters on CUDA (`adam` and `adamw`).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{Adam, AdamConfig, AdamState, AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::Dispatch;
-use burn::tensor::{Device, FloatDType, Tensor};
-use dmd_models::fused_update::{self, AdamStep};
+use burn::store::RecordError;
+use burn::tensor::{Bytes, Device, FloatDType, Tensor};
+use dmd_models::fused_update::{self, AdamStep, UpdateQueue};
 
 /// Scales every gradient of `module` so that their global L2 norm is at most `max_norm`
 /// (no-op when `max_norm` is not positive). Returns the norm before clipping.
@@ -42,8 +46,8 @@ pub fn grad_norm<M: Module>(grads: &GradientsParams, module: &M) -> f64 {
 /// parameter: ~600 on ImageNet's ADM, each a stall on a GPU). On the CPU backends each
 /// parameter's sum is taken on the device and the sums are added in float64 on the host, in
 /// parameter order. On a GPU, where every tensor op is a kernel launch (~30 us each on the
-/// H100 here), one kernel per gradient writes its partial sums into one buffer, read back and
-/// added in float64 (`fused_update::sum_of_squares`: N launches, no copies); where this
+/// H100 here), one kernel per 32 gradients writes their partial sums into one buffer, read
+/// back and added in float64 (`fused_update::sum_of_squares`: N / 32 launches, no copies); where this
 /// project's CubeCL kernels are off (Burn's fusion, `DMD_CUBE_KERNELS=off`), the flattened
 /// gradients are concatenated and summed once in float32 (N + 2 launches and a copy of all
 /// gradients, plus a copy of each that is not contiguous).
@@ -133,20 +137,49 @@ pub fn warmup_lr(base: f64, step: usize, warmup_steps: usize) -> f64 {
     }
 }
 
+/// A module's optimiser: Burn's `ModuleOptimizer` (its per-parameter states and records, so
+/// checkpoints are Burn's), whose fused Adam steps on a GPU are queued parameter by parameter
+/// and launched together at the end of the module's step ([`UpdateQueue`]).
+pub struct Optim {
+    module: ModuleOptimizer,
+    queue: Arc<Mutex<UpdateQueue>>,
+}
+
+impl Optim {
+    /// `module` after one step with its gradients `grads` at learning rate `lr`.
+    pub fn step<M: Module>(&mut self, lr: f64, module: M, grads: GradientsParams) -> M {
+        let module = self.module.step(lr, module, grads);
+        self.queue.lock().expect("the optimiser's queue").run();
+        module
+    }
+
+    /// Writes the state to `path` (Burn's optimiser record).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), RecordError> {
+        self.module.save(path)
+    }
+
+    /// This optimiser with the state of a record read whole into `bytes`.
+    pub fn from_bytes(self, bytes: Bytes) -> Result<Self, RecordError> {
+        Ok(Self { module: self.module.from_bytes(bytes)?, queue: self.queue })
+    }
+}
+
 /// Adam as Burn's `Adam` (no weight decay, no AMSGrad: EDM's teacher), the same state records
 /// (checkpoints load either way), with the update in float32 as one kernel per parameter
 /// (`fused_update`) instead of ~15 Burn ops: on flex the same bits, and 2.7 ms of adm_tiny's
-/// ~120 ms training step saved; on CUDA (without Burn's fusion) one launch instead of ~13.
-/// Elsewhere Burn's own step.
-pub fn adam(beta_1: f32, beta_2: f32, epsilon: f32) -> ModuleOptimizer {
+/// ~120 ms training step saved; on CUDA (without Burn's fusion) one launch per 32 parameters
+/// instead of ~13 per parameter. Elsewhere Burn's own step.
+pub fn adam(beta_1: f32, beta_2: f32, epsilon: f32) -> Optim {
     let burn = AdamConfig::new().with_beta_1(beta_1).with_beta_2(beta_2).with_epsilon(epsilon).build();
-    ModuleOptimizer::from(FusedAdam { beta_1, beta_2, epsilon, burn })
+    let queue = Arc::new(Mutex::new(UpdateQueue::default()));
+    Optim { module: ModuleOptimizer::from(FusedAdam { beta_1, beta_2, epsilon, burn, queue: queue.clone() }), queue }
 }
 
 /// AdamW as Burn's `AdamW` (decoupled weight decay, no AMSGrad: DMD's networks), likewise.
-pub fn adamw(beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f32) -> ModuleOptimizer {
+pub fn adamw(beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f32) -> Optim {
     let burn = AdamWConfig::new().with_beta_1(beta_1).with_beta_2(beta_2).with_epsilon(epsilon).with_weight_decay(weight_decay).build();
-    ModuleOptimizer::from(FusedAdamW { beta_1, beta_2, epsilon, weight_decay, burn })
+    let queue = Arc::new(Mutex::new(UpdateQueue::default()));
+    Optim { module: ModuleOptimizer::from(FusedAdamW { beta_1, beta_2, epsilon, weight_decay, burn, queue: queue.clone() }), queue }
 }
 
 #[derive(Clone)]
@@ -155,6 +188,7 @@ struct FusedAdam {
     beta_2: f32,
     epsilon: f32,
     burn: Adam,
+    queue: Arc<Mutex<UpdateQueue>>,
 }
 
 #[derive(Clone)]
@@ -164,16 +198,18 @@ struct FusedAdamW {
     epsilon: f32,
     weight_decay: f32,
     burn: AdamW,
+    queue: Arc<Mutex<UpdateQueue>>,
 }
 
 /// The fused step where `fused_update` takes the tensors and the state has no AMSGrad maximum:
 /// the moments continue `state` (zeros before the first step: m * beta + g * (1 - beta) is
 /// then exactly Burn's first-step g * (1 - beta)), `constants(t)` gives step t's
-/// [`AdamStep`]. `None`: the caller runs Burn's own step.
+/// [`AdamStep`]; queued in `queue` on a GPU. `None`: the caller runs Burn's own step.
 fn fused_step<const D: usize>(
     tensor: &Tensor<D>,
     grad: &Tensor<D>,
     state: Option<&AdaptiveMomentumState<D>>,
+    queue: &Mutex<UpdateQueue>,
     constants: impl FnOnce(usize) -> AdamStep,
 ) -> Option<(Tensor<D>, AdaptiveMomentumState<D>)> {
     if !(fused_update::takes(tensor) && fused_update::takes(grad)) {
@@ -184,7 +220,7 @@ fn fused_step<const D: usize>(
         Some(_) => return None,
         None => (grad.zeros_like(), grad.zeros_like(), 1),
     };
-    let (tensor, m1, m2) = fused_update::adam_update(tensor.clone(), grad.clone(), m1, m2, constants(t));
+    let (tensor, m1, m2) = queue.lock().expect("the optimiser's queue").adam(tensor.clone(), grad.clone(), m1, m2, constants(t));
     Some((tensor, AdaptiveMomentumState::new(t, m1, m2)))
 }
 
@@ -206,7 +242,7 @@ impl Optimizer for FusedAdam {
                 lr: lr as f32,
             }
         };
-        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), constants) {
+        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), &self.queue, constants) {
             Some((tensor, momentum)) => (tensor, Some(AdamState::new(momentum))),
             None => self.burn.step(lr, tensor, grad, state),
         }
@@ -234,7 +270,7 @@ impl Optimizer for FusedAdamW {
             decay: if decay_rate == 0.0 { 1.0 } else { (1.0 - decay_rate) as f32 },
             lr: lr as f32,
         };
-        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), constants) {
+        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), &self.queue, constants) {
             Some((tensor, momentum)) => (tensor, Some(AdamWState::new(momentum))),
             None => self.burn.step(lr, tensor, grad, state),
         }
@@ -260,9 +296,9 @@ mod tests {
         let tensor = |seed: u64| Tensor::<2>::from_data(TensorData::new(values(37 * 41, seed), [37, 41]), &device);
         let bits = |t: &Tensor<2>| t.to_data().try_to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let burn_adam = AdamConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).build();
-        let fused_adam = FusedAdam { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, burn: burn_adam.clone() };
+        let fused_adam = FusedAdam { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, burn: burn_adam.clone(), queue: Default::default() };
         let burn_adamw = AdamWConfig::new().with_beta_1(0.0).with_beta_2(0.99).with_epsilon(1e-8).with_weight_decay(0.01).build();
-        let fused_adamw = FusedAdamW { beta_1: 0.0, beta_2: 0.99, epsilon: 1e-8, weight_decay: 0.01, burn: burn_adamw.clone() };
+        let fused_adamw = FusedAdamW { beta_1: 0.0, beta_2: 0.99, epsilon: 1e-8, weight_decay: 0.01, burn: burn_adamw.clone(), queue: Default::default() };
         let (mut want, mut got) = ((tensor(1), None), (tensor(1), None));
         let (mut want_w, mut got_w) = ((tensor(1), None), (tensor(1), None));
         for step in 0..4u64 {
@@ -309,6 +345,57 @@ mod tests {
         for on in [SquaresOn::Cpu, SquaresOn::GpuKernel, SquaresOn::GpuCat] {
             let got = sum_squares_as(&grads, &net, Some(on));
             assert!((got - want).abs() <= 1e-6 * want, "{on:?}: {got} against {want}");
+        }
+    }
+}
+
+/// The optimisers on CubeCL's CPU runtime, where each module's steps are queued and launched
+/// 32 tensors at a time at the end of its step (`cargo test -p dmd-experiments --features
+/// cube-cpu optim`; not part of CI, as `dmd-models`' kernel tests): against Burn's own Adam and
+/// AdamW on the same device, step after step, to float32 rounding (the kernel's multiply-adds
+/// may be contracted; a lost, misplaced or stale update is ~lr = 1e-3 off).
+#[cfg(all(test, feature = "cube-cpu"))]
+mod cube_tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::TensorData;
+    use dmd_models::weights::flat_params;
+
+    /// 20 layers: 40 parameter tensors, more than one launch takes.
+    #[derive(Module, Debug)]
+    struct Deep {
+        layers: Vec<Linear>,
+    }
+
+    impl Deep {
+        fn loss(&self, x: Tensor<2>) -> Tensor<1> {
+            self.layers.iter().fold(x, |h, layer| layer.forward(h).tanh()).powf_scalar(2.0).sum()
+        }
+    }
+
+    #[test]
+    fn queued_optimisers_are_burns_adam_and_adamw() {
+        let device = Device::cpu().autodiff();
+        let net = Deep { layers: (0..20).map(|k| LinearConfig::new(6 + k % 3, 6 + (k + 1) % 3).init(&device)).collect() };
+        let x = Tensor::<2>::from_data(TensorData::new((0..24).map(|i| (i as f32 * 0.61).sin()).collect::<Vec<_>>(), [4, 6]), &device);
+        let burn_adam = || ModuleOptimizer::from(AdamConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-5).build());
+        let burn_adamw = || ModuleOptimizer::from(AdamWConfig::new().with_beta_1(0.0).with_beta_2(0.99).with_epsilon(1e-8).with_weight_decay(0.01).build());
+        for (name, mut ours, mut theirs) in [("Adam", adam(0.9, 0.999, 1e-5), burn_adam()), ("AdamW", adamw(0.0, 0.99, 1e-8, 0.01), burn_adamw())] {
+            let (mut got, mut want) = (net.clone(), net.clone());
+            for step in 0..3 {
+                let lr = 1e-3 * (step + 1) as f64;
+                let grads = GradientsParams::from_grads(got.loss(x.clone()).backward(), &got);
+                got = ours.step(lr, got, grads);
+                let grads = GradientsParams::from_grads(want.loss(x.clone()).backward(), &want);
+                want = theirs.step(lr, want, grads);
+                let (got_params, want_params) = (flat_params(&got), flat_params(&want));
+                assert_eq!(got_params.len(), 40);
+                for (key, w) in &want_params {
+                    let (g, w) = (got_params[key].to_data().try_to_vec::<f32>().unwrap(), w.to_data().try_to_vec::<f32>().unwrap());
+                    let worst = g.iter().zip(&w).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+                    assert!(worst <= 1e-6, "{name} step {step}, {key}: {worst:e} off Burn's");
+                }
+            }
         }
     }
 }

@@ -15,13 +15,12 @@ use crate::device::Backend;
 use crate::parallel::{rows, run_replicas, Backprop, Replica, Shards};
 use crate::distill::{add_stat, add_weighted, fake_update, generator_update, run_steps, sum_stats, DistillTrainConfig, Gan, StepRunner, StepStats};
 use crate::ema::ema_update;
-use crate::optim::warmup_lr;
+use crate::optim::{warmup_lr, Optim};
 use crate::output::grid_png;
 use crate::sample::{progress, take_rows};
 use crate::teacher::{normals, step_seed};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::prompts::PromptSet;
 use dmd_losses::dmd::{weighted_distribution_matching_loss, DmWeighting};
@@ -452,8 +451,8 @@ pub struct TextDistiller {
     pub generator: UNet2DCondition,
     pub fake: UNet2DCondition,
     pub generator_ema: Option<UNet2DCondition>,
-    pub generator_optim: ModuleOptimizer,
-    pub fake_optim: ModuleOptimizer,
+    pub generator_optim: Optim,
+    pub fake_optim: Optim,
     pub gan: Option<Gan>,
     pub prompts: PromptSet,
     pub pairs: Option<TextPairs>,

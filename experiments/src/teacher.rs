@@ -8,14 +8,13 @@ use crate::checkpoint::{load_optimizer, append_jsonl, guard_config, read_toml, r
 use crate::data::{DataConfig, DataSource};
 use crate::device::Backend;
 use crate::ema::{ema_beta, ema_update};
-use crate::optim::grad_norm;
+use crate::optim::{grad_norm, Optim};
 use crate::parallel::{rows, run_replicas, Backprop, Replica};
 use crate::metrics::{energy_distance, mode_stats, ModeStats};
 use crate::output::{preview_png, scatter_png};
 use crate::sample::{progress, seeded_samples};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor, TensorData};
 use dmd_datasets::{ToyDistribution, ToyKind};
 use dmd_losses::edm::{edm_loss, EdmLossConfig};
@@ -437,7 +436,7 @@ fn train_replica(cfg: &TeacherConfig, replica: &Replica, device: &Device, data: 
 }
 
 /// The checkpoint: both networks under EDM's names, the optimiser, the state, the config.
-fn save_checkpoint(dir: &Path, keep: usize, cfg: &TeacherConfig, net: &EdmPrecond, ema: &EdmPrecond, optim: &ModuleOptimizer, state: TrainState) -> Result<()> {
+fn save_checkpoint(dir: &Path, keep: usize, cfg: &TeacherConfig, net: &EdmPrecond, ema: &EdmPrecond, optim: &Optim, state: TrainState) -> Result<()> {
     write_dir_atomically(dir, keep, |tmp| {
         std::fs::write(tmp.join("config.toml"), toml::to_string_pretty(cfg)?)?;
         net.save(&tmp.join("net.safetensors"))?;
