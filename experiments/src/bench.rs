@@ -145,8 +145,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median time of one DMD iteration (generator update with the distribution-matching loss,
-/// then a fake-score update) with real score, fake score and generator all of `net`'s shape.
 /// The distillation `dmd bench` times: `net` (its weights saved under a temporary folder,
 /// which the caller removes) as the teacher, DMD's defaults otherwise. Returns the config and
 /// the folder.
@@ -163,6 +161,8 @@ pub fn bench_distill_config(net: &EdmPrecond, backend: Backend, batch: usize, re
     Ok((cfg, dir))
 }
 
+/// Median time of one DMD iteration (generator update with the distribution-matching loss,
+/// then a fake-score update) with real score, fake score and generator all of `net`'s shape.
 fn dmd_iteration_s(net: &EdmPrecond, backend: Backend, args: &BenchArgs) -> Result<f64> {
     let (cfg, dir) = bench_distill_config(net, backend, args.batch, args.replicas, args.bf16)?;
     // The main replica's step time is the iteration's: it includes waiting for the others' sums.

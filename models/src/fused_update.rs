@@ -380,8 +380,8 @@ pub(crate) mod cube {
     /// takes ~20 launches per network and update instead of ~600.
     pub(crate) const BATCH: usize = 32;
 
-    /// Cubes per tensor in a row of the batched Adam kernel at most (each thread then steps
-    /// through its tensor).
+    /// Cubes per tensor in a row of the batched Adam and EMA kernels at most (each thread then
+    /// steps through its tensor).
     const MAX_CUBES_PER_TENSOR: usize = 4096;
 
     /// A Burn dispatch tensor on a CubeCL device, unwrapped.
@@ -430,7 +430,7 @@ pub(crate) mod cube {
     /// The steps of `tensors` (all with the same `strided_grad`), [`BATCH`] per launch.
     pub(crate) fn adam_launch(tensors: &[AdamTensors], s: super::AdamStep) {
         for chunk in tensors.chunks(BATCH) {
-            let Some(first) = chunk.first() else { return };
+            let first = &chunk[0];
             let (count, dim) = batch_grid(&chunk.iter().map(|t| &t.param).collect::<Vec<_>>());
             let seq = |pick: fn(&AdamTensors) -> &CubeTensor| chunk.iter().map(|t| pick(t).clone().into_tensor_arg()).collect::<SequenceArg<OwnedTensor<f32>>>();
             adam_kernel::launch(
@@ -476,7 +476,7 @@ pub(crate) mod cube {
     /// The averages of `tensors`, [`BATCH`] per launch.
     pub(crate) fn ema_launch(tensors: &[EmaTensors], beta: f32, one_minus_beta: f32) {
         for chunk in tensors.chunks(BATCH) {
-            let Some(first) = chunk.first() else { return };
+            let first = &chunk[0];
             let (count, dim) = batch_grid(&chunk.iter().map(|t| &t.ema).collect::<Vec<_>>());
             let seq = |pick: fn(&EmaTensors) -> &CubeTensor| chunk.iter().map(|t| pick(t).clone().into_tensor_arg()).collect::<SequenceArg<OwnedTensor<f32>>>();
             ema_kernel::launch(&first.ema.client, count, dim, seq(|t| &t.ema), seq(|t| &t.net), seq(|t| &t.out), beta, one_minus_beta);
