@@ -255,9 +255,23 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
             (Box::new(move |x| conv2d_dense(x, wb.clone(), None, stride, [pad, pad])), Some(w))
         })
     };
+    // The same 3x3 convolution with a bias (on CUDA in the implicit-GEMM kernel's epilogue).
+    let conv_bias = move |ci: usize, co: usize| -> Make {
+        Box::new(move |dev: &Device, track: bool, half: bool| {
+            let w = random(vec![co, ci, 3, 3], 7, dev).cast(dtype_of(half));
+            let w = if track { w.require_grad() } else { w };
+            let bias = random(vec![1, 1, 1, co], 5, dev).cast(dtype_of(half)).reshape([co]);
+            let wb = w.clone();
+            (Box::new(move |x| conv2d_dense(x, wb.clone(), Some(bias.clone()), 1, [1, 1])), Some(w))
+        })
+    };
     let img = cfg.img_channels;
-    let cases: Vec<(String, [usize; 4], Make)> = vec![
+    // Input convolutions of the other data this project trains on (1: Fashion-MNIST, 4: SD
+    // latents) beside this network's: few channels take other kernels on CUDA.
+    let other_inputs: Vec<usize> = [1, 4, 8].into_iter().filter(|&ci| ci != img).collect();
+    let mut cases: Vec<(String, [usize; 4], Make)> = vec![
         (format!("conv3x3 {c}->{c} at {r}x{r}"), [batch, c, r, r], conv(c, c, 3, 1)),
+        (format!("conv3x3 {c}->{c} at {r}x{r} with bias"), [batch, c, r, r], conv_bias(c, c)),
         (format!("conv3x3 {c2}->{c2} at {r2}x{r2}"), [batch, c2, r2, r2], conv(c2, c2, 3, 1)),
         (format!("conv1x1 {c2}->{} at {r2}x{r2} (qkv)", 3 * c2), [batch, c2, r2, r2], conv(c2, 3 * c2, 1, 1)),
         (format!("conv3x3 {img}->{c} at {r}x{r} (input)"), [batch, img, r, r], conv(img, c, 3, 1)),
@@ -293,6 +307,9 @@ fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, i
             Box::new(|_: &Device, _, _| (Box::new(avg_pool_2x2) as Block, None)),
         ),
     ];
+    for ci in other_inputs.into_iter().rev() {
+        cases.insert(5, (format!("conv3x3 {ci}->{c} at {r}x{r} (input)"), [batch, ci, r, r], conv(ci, c, 3, 1)));
+    }
     let ad = device.clone().autodiff();
     // Output, input gradient and weight gradient (float32 copies on the host) of one
     // forward + backward on `dev` (autodiff), every input drawn from the same seeds on each device.
