@@ -225,8 +225,9 @@ fn rel_l2_host(a: &HostTensor, b: &HostTensor) -> f64 {
 /// block's parameters, the upstream gradient a fixed random tensor) of the building blocks of
 /// an ADM/DDPM++ network at the shapes `cfg` gives them: model_channels at full resolution,
 /// twice that at half resolution (where adm_tiny has its attention), plus the convolutions
-/// with few channels (the network's first and last, image channels in or out) and a strided
-/// 4x4 one (DMD2's GAN head). With `bf16`, inputs and weights are bf16 (as in a bf16 network
+/// with few channels (the network's first and last, image channels in or out, and first
+/// convolutions of 1, 4 and 8 channels: few input channels take other weight-gradient kernels
+/// on CUDA), a 3x3 one with a bias and a strided 4x4 one (DMD2's GAN head). With `bf16`, inputs and weights are bf16 (as in a bf16 network
 /// body) and each row also gets its errors in float32 and in bf16 against the CPU's float32
 /// (a wrong or low-precision kernel shows there).
 fn op_breakdown(cfg: &EdmConfig, batch: usize, device: &Device, warmup: usize, iters: usize, bf16: bool) -> Vec<OpRow> {

@@ -119,8 +119,123 @@ mod cube {
     #[cfg(cube_kernels)]
     use {crate::fused_update::cube::channels_last, burn_cubecl::ops::permute_nchw_to_nhwc};
     use burn_cubecl::CubeBackend;
+    use cubek::convolution::components::ConvSetupError;
     use std::fmt::Debug;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, OnceLock};
+
+    /// One pass of a convolution, for choosing its implicit-GEMM algorithm.
+    #[derive(Clone, Copy)]
+    enum Pass {
+        Forward,
+        Data,
+        Weight,
+    }
+
+    /// cubek's implicit-GEMM algorithm for `pass` from `DMD_CONV_FWD`, `DMD_CONV_DGRAD` or
+    /// `DMD_CONV_WGRAD`: `sync`, `async` or `tma`, with `-mma` for MMA instead of CMMA tiles
+    /// (the six Burn's autotune would try); read once. Unset: Burn's `ImplicitGemm` (cubek's
+    /// `sync` on CMMA tiles), the measured default. Burn reaches the others only through its
+    /// autotune, so this is how a device session times them.
+    fn algorithm(pass: Pass) -> Option<cubek::convolution::Strategy> {
+        use cubek::convolution::{AcceleratedTileKind, ConvAlgorithm, Strategy};
+        static CHOSEN: [OnceLock<Option<Strategy>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        let (slot, var) = match pass {
+            Pass::Forward => (0, "DMD_CONV_FWD"),
+            Pass::Data => (1, "DMD_CONV_DGRAD"),
+            Pass::Weight => (2, "DMD_CONV_WGRAD"),
+        };
+        CHOSEN[slot]
+            .get_or_init(|| {
+                let raw = std::env::var(var).ok()?;
+                let (name, mma) = raw.strip_suffix("-mma").map_or((raw.as_str(), false), |name| (name, true));
+                let algorithm = match (name, mma) {
+                    ("sync", false) => ConvAlgorithm::SimpleSyncCyclic,
+                    ("sync", true) => ConvAlgorithm::SimpleSyncStrided,
+                    ("async", false) => ConvAlgorithm::SimpleAsyncCyclic,
+                    ("async", true) => ConvAlgorithm::SimpleAsyncStrided,
+                    // cubek has no TMA kernel for the input gradient (it would decline to
+                    // Burn's direct kernel at every convolution).
+                    ("tma", _) if !matches!(pass, Pass::Data) => ConvAlgorithm::SimpleAsyncTma,
+                    _ => {
+                        eprintln!("warning: {var}={raw:?} ignored: expected sync, async or tma (not for the input gradient), optionally with -mma");
+                        return None;
+                    }
+                };
+                let tile_kind = if mma { AcceleratedTileKind::Mma } else { AcceleratedTileKind::Cmma };
+                Some(Strategy::Inferred { algorithm, tile_kind })
+            })
+            .clone()
+    }
+
+    /// cubek's convolution `inputs` with `strategy` (the tensors channels last, as Burn's
+    /// CubeCL convolutions take them).
+    fn launch(strategy: &cubek::convolution::Strategy, client: &burn_cubecl::cubecl::client::Client, inputs: cubek::convolution::ConvolutionInputs, o: &ConvOptions<2>, dtypes: [DType; 3]) -> Result<(), ConvSetupError> {
+        use burn::backend::cubecl::dtype_to_storage_type as storage;
+        use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+        let dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: storage(dtypes[0]), rhs: storage(dtypes[1]), out: storage(dtypes[2]) });
+        let args = cubek::convolution::ConvolutionArgs { stride: o.stride, padding: o.padding_begin(), dilation: o.dilation };
+        cubek::convolution::launch_ref::<2>(strategy, client, inputs, args, dtypes)
+    }
+
+    fn input(t: CubeTensor) -> cubek::std::InputBinding {
+        let dtype = burn::backend::cubecl::dtype_to_storage_type(t.dtype);
+        cubek::std::InputBinding::new(t.binding(), dtype)
+    }
+
+    /// An uninitialised truly contiguous channels-last output (Burn's launchers pad rows whose
+    /// bytes are not a multiple of the alignment; cubek writes through the output's strides
+    /// either way).
+    fn output(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
+        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+    }
+
+    /// The forward convolution with `s`: cubek's kernel of `DMD_CONV_FWD` where that is set and
+    /// `s` is the implicit GEMM, else Burn's.
+    fn forward(x: CubeTensor, weight: CubeTensor, bias: Option<CubeTensor>, o: &ConvOptions<2>, s: ConvStrategy) -> Result<CubeTensor, ConvSetupError> {
+        let (ConvStrategy::ImplicitGemm, Some(strategy)) = (&s, algorithm(Pass::Forward)) else {
+            return conv_forward::<2>(x, weight, bias, o.clone(), s);
+        };
+        use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nhwc_to_nchw};
+        let (x, weight) = (permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(weight));
+        let ([n, h, w, _], [out, kh, kw, _]) = (x.shape().dims(), weight.shape().dims());
+        let ho = (h + o.padding[0].0 + o.padding[0].1 - kh) / o.stride[0] + 1;
+        let wo = (w + o.padding[1].0 + o.padding[1].1 - kw) / o.stride[1] + 1;
+        let y = output(&x, Shape::from([n, ho, wo, out]), x.dtype);
+        let (client, dtypes) = (x.client.clone(), [x.dtype, weight.dtype, y.dtype]);
+        let inputs = cubek::convolution::ConvolutionInputs::Forward { input: input(x), weight: input(weight), bias: bias.map(input), out: y.clone().binding() };
+        launch(&strategy, &client, inputs, o, dtypes)?;
+        Ok(permute_nhwc_to_nchw(y))
+    }
+
+    /// The input gradient with `s`: cubek's kernel of `DMD_CONV_DGRAD` where that is set, `s` is
+    /// the implicit GEMM and the stride 1 (Burn's own rule), else Burn's.
+    fn data_gradient(grad: CubeTensor, weight: CubeTensor, x_shape: Shape, o: &ConvOptions<2>, s: ConvStrategy) -> Result<CubeTensor, ConvSetupError> {
+        let (ConvStrategy::ImplicitGemm, Some(strategy), [1, 1]) = (&s, algorithm(Pass::Data), o.stride) else {
+            return conv_data_backward::<2>(grad, weight, x_shape, o.clone(), s);
+        };
+        use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
+        let (grad, weight) = (permute_nchw_to_nhwc(grad), permute_nchw_to_nhwc(weight));
+        let dx = output(&grad, permute_nchw_to_nhwc_shape(x_shape), grad.dtype);
+        let (client, dtypes) = (grad.client.clone(), [grad.dtype, weight.dtype, dx.dtype]);
+        let inputs = cubek::convolution::ConvolutionInputs::BackwardData { out_grad: input(grad), weights: input(weight), in_grad: dx.clone().binding() };
+        launch(&strategy, &client, inputs, o, dtypes)?;
+        Ok(permute_nhwc_to_nchw(dx))
+    }
+
+    /// The weight gradient with `s`: cubek's kernel of `DMD_CONV_WGRAD` where that is set and
+    /// `s` is the implicit GEMM, else Burn's.
+    fn weight_gradient_with(x: CubeTensor, grad: CubeTensor, weight: Shape, o: &ConvOptions<2>, s: ConvStrategy) -> Result<CubeTensor, ConvSetupError> {
+        let (ConvStrategy::ImplicitGemm, Some(strategy)) = (&s, algorithm(Pass::Weight)) else {
+            return conv_weight_backward::<2>(x, grad, weight, o.clone(), s);
+        };
+        use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
+        let (x, grad) = (permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(grad));
+        let dw = output(&grad, permute_nchw_to_nhwc_shape(weight), grad.dtype);
+        let (client, dtypes) = (x.client.clone(), [x.dtype, grad.dtype, dw.dtype]);
+        let inputs = cubek::convolution::ConvolutionInputs::BackwardWeight { input: input(x), out_grad: input(grad), weight_grad: dw.clone().binding() };
+        launch(&strategy, &client, inputs, o, dtypes)?;
+        Ok(permute_nhwc_to_nchw(dw))
+    }
 
     /// `run` with the implicit-GEMM kernel, or `None` where its setup declines the shapes or
     /// dtype (an error), noting that on stderr once per operation and convolution, and
@@ -158,12 +273,12 @@ mod cube {
     /// whatever the dtype (the direct kernel sums in its dtype, over all N H W positions).
     fn weight_gradient(x: &CubeTensor, grad: &CubeTensor, weight: &Shape, o: &ConvOptions<2>) -> CubeTensor {
         if weight[1] % 8 == 0 {
-            return implicit_gemm_or_direct("weight gradient", x, weight, o, |s| conv_weight_backward::<2>(x.clone(), grad.clone(), weight.clone(), o.clone(), s));
+            return implicit_gemm_or_direct("weight gradient", x, weight, o, |s| weight_gradient_with(x.clone(), grad.clone(), weight.clone(), o, s));
         }
         let f32 = |t: &CubeTensor| if t.dtype == DType::F32 { t.clone() } else { cast(t.clone(), DType::F32) };
         let (x32, grad32) = (f32(x), f32(grad));
         let dw = direct("weight gradient", x, |s| conv_weight_backward::<2>(x32.clone(), grad32.clone(), weight.clone(), o.clone(), s));
-        if x.dtype == DType::F32 { dw } else { cast(dw, x.dtype) }
+        if grad.dtype == DType::F32 { dw } else { cast(dw, grad.dtype) }
     }
 
     /// The convolution with its bias in the implicit-GEMM kernel's epilogue (no separate
@@ -176,7 +291,7 @@ mod cube {
             let o = options(stride, pad_h, pad_w);
             // Where the kernel with the bias declines (in bf16 it asked for more shared memory
             // than an H100 has), the kernel without it and a broadcast add.
-            try_implicit_gemm("convolution with bias", &x, &weight.shape(), &o, |s| conv_forward::<2>(x.clone(), weight.clone(), Some(bias.clone()), o.clone(), s)).unwrap_or_else(|| {
+            try_implicit_gemm("convolution with bias", &x, &weight.shape(), &o, |s| forward(x.clone(), weight.clone(), Some(bias.clone()), &o, s)).unwrap_or_else(|| {
                 use burn::backend::ops::FloatTensorOps;
                 let out = bias.shape()[0];
                 let y = <Self as GemmConvBackend>::gemm_conv2d(x, weight, stride, pad_h, pad_w);
@@ -210,12 +325,12 @@ mod cube {
 
         fn gemm_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            implicit_gemm_or_direct("convolution", &x, &weight.shape(), &o, |s| conv_forward::<2>(x.clone(), weight.clone(), None, o.clone(), s))
+            implicit_gemm_or_direct("convolution", &x, &weight.shape(), &o, |s| forward(x.clone(), weight.clone(), None, &o, s))
         }
 
         fn gemm_conv2d_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
             let o = options(stride, pad_h, pad_w);
-            implicit_gemm_or_direct("input gradient", &x, &weight.shape(), &o, |s| conv_data_backward::<2>(grad.clone(), weight.clone(), x.shape(), o.clone(), s))
+            implicit_gemm_or_direct("input gradient", &x, &weight.shape(), &o, |s| data_gradient(grad.clone(), weight.clone(), x.shape(), &o, s))
         }
 
         fn gemm_conv2d_weight_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad_h: usize, pad_w: usize) -> FloatTensor<Self> {
