@@ -410,8 +410,14 @@ pub(crate) mod cube {
         pub(crate) strided_grad: bool,
     }
 
+    /// A dense gradient in another layout than its parameter (a convolution's channels-last
+    /// weight gradient) is read where it lies, unless `DMD_ADAM_GRAD=copy`: then it is copied
+    /// into the parameter's layout first, as before 2026-11-27, to time which is faster on a
+    /// GPU (reading in place saves a launch per weight, but its reads are strided).
     pub(crate) fn adam_tensors(param: CubeTensor, grad: CubeTensor, m1: CubeTensor, m2: CubeTensor) -> AdamTensors {
-        let strided_grad = grad.dtype == DType::F32 && !grad.is_contiguous() && is_dense(&grad);
+        static COPY_GRAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let copy_grad = *COPY_GRAD.get_or_init(|| std::env::var("DMD_ADAM_GRAD").is_ok_and(|v| v == "copy"));
+        let strided_grad = !copy_grad && grad.dtype == DType::F32 && !grad.is_contiguous() && is_dense(&grad);
         let grad = if strided_grad { grad } else { f32_contiguous(grad) };
         let [param, m1, m2] = [param, m1, m2].map(f32_contiguous);
         let [new_param, new_m1, new_m2] = [(); 3].map(|_| empty(&param, param.shape()));

@@ -7,7 +7,9 @@
 # DMD_CONV_WGRAD (sync | async | tma, optionally -mma) pick them. For each choice, correctness
 # first (adm_tiny against the official outputs and --ops --bf16 against the CPU), then the
 # ImageNet-64 ADM at batch 8 (the --ops rows time each convolution shape alone), PyTorch in the
-# same call. The input gradient has no TMA kernel in cubek, so it gets async there.
+# same call. The input gradient has no TMA kernel in cubek, so it gets async there. Last,
+# the Adam update with each channels-last weight gradient copied first (DMD_ADAM_GRAD=copy)
+# instead of read in place: in run12 the Adam kernels ran ~10x under the card's bandwidth.
 # .carry/ as for run11.
 set -u
 OUTDIR="${DEST:-results/bench/cuda/out14}"; BUDGET=${BUDGET:-480}
@@ -27,5 +29,7 @@ for choice in "default   -         -          -" \
     run 40 "dmd_tiny_$name" env "${env[@]}" $TINY --json "$OUTDIR/dmd_tiny_$name.json"
     run 60 "dmd_in64_b8_$name" env "${env[@]}" $B8 --json "$OUTDIR/dmd_in64_b8_$name.json"
 done
+run 45 dmd_in64_b8_adam_copy env DMD_ADAM_GRAD=copy ${B8% --ops} --json "$OUTDIR/dmd_in64_b8_adam_copy.json"
+run 45 dmd_in64_b8_adam_in_place ${B8% --ops} --json "$OUTDIR/dmd_in64_b8_adam_in_place.json"
 kill $SMI
 [ -n "${OUT:-}" ] && tar -czf "$OUT/bench.tgz" -C "$OUTDIR" .
