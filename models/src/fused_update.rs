@@ -249,12 +249,8 @@ pub(crate) mod cube {
         for t in 0..count {
             if tensor == t {
                 let x = xs.index(t);
-                let mut len = 1usize;
-                for d in 0..x.rank() {
-                    len *= x.shape(d);
-                }
                 let mut i = CUBE_POS_X as usize * threads + UNIT_POS as usize;
-                while i < len {
+                while i < x.len() {
                     acc += x[i] * x[i];
                     i += step;
                 }

@@ -116,8 +116,9 @@ mod cube {
     use burn::tensor::ops::ConvOptions;
     use burn::tensor::Shape;
     use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape};
     #[cfg(cube_kernels)]
-    use {crate::fused_update::cube::channels_last, burn_cubecl::ops::permute_nchw_to_nhwc};
+    use crate::fused_update::cube::channels_last;
     use burn_cubecl::CubeBackend;
     use cubek::convolution::components::ConvSetupError;
     use std::fmt::Debug;
@@ -167,26 +168,31 @@ mod cube {
             .clone()
     }
 
-    /// cubek's convolution `inputs` with `strategy` (the tensors channels last, as Burn's
-    /// CubeCL convolutions take them).
-    fn launch(strategy: &cubek::convolution::Strategy, client: &burn_cubecl::cubecl::client::Client, inputs: cubek::convolution::ConvolutionInputs, o: &ConvOptions<2>, dtypes: [DType; 3]) -> Result<(), ConvSetupError> {
+    /// cubek's convolution with `strategy` of `lhs` and `rhs` (channels last, as Burn's CubeCL
+    /// convolutions take them) into a new truly contiguous channels-last `out` [shape, dtype]
+    /// (Burn's launchers pad rows whose bytes are not a multiple of the alignment; cubek
+    /// writes through the output's strides either way), returned as an NCHW view.
+    fn launch(
+        strategy: &cubek::convolution::Strategy,
+        o: &ConvOptions<2>,
+        lhs: CubeTensor,
+        rhs: CubeTensor,
+        out: (Shape, DType),
+        inputs: impl FnOnce(cubek::std::InputBinding, cubek::std::InputBinding, burn_cubecl::cubecl::prelude::TensorBinding) -> cubek::convolution::ConvolutionInputs,
+    ) -> Result<CubeTensor, ConvSetupError> {
         use burn::backend::cubecl::dtype_to_storage_type as storage;
         use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
-        let dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: storage(dtypes[0]), rhs: storage(dtypes[1]), out: storage(dtypes[2]) });
+        let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(lhs.client.clone(), lhs.device.clone(), out.0, out.1);
+        let client = lhs.client.clone();
+        let dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: storage(lhs.dtype), rhs: storage(rhs.dtype), out: storage(out.dtype) });
         let args = cubek::convolution::ConvolutionArgs { stride: o.stride, padding: o.padding_begin(), dilation: o.dilation };
-        cubek::convolution::launch_ref::<2>(strategy, client, inputs, args, dtypes)
+        cubek::convolution::launch_ref::<2>(strategy, &client, inputs(input(lhs), input(rhs), out.clone().binding()), args, dtypes)?;
+        Ok(burn_cubecl::ops::permute_nhwc_to_nchw(out))
     }
 
     fn input(t: CubeTensor) -> cubek::std::InputBinding {
         let dtype = burn::backend::cubecl::dtype_to_storage_type(t.dtype);
         cubek::std::InputBinding::new(t.binding(), dtype)
-    }
-
-    /// An uninitialised truly contiguous channels-last output (Burn's launchers pad rows whose
-    /// bytes are not a multiple of the alignment; cubek writes through the output's strides
-    /// either way).
-    fn output(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
-        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
     }
 
     /// The forward convolution with `s`: cubek's kernel of `DMD_CONV_FWD` where that is set and
@@ -195,16 +201,12 @@ mod cube {
         let (ConvStrategy::ImplicitGemm, Some(strategy)) = (&s, algorithm(Pass::Forward)) else {
             return conv_forward::<2>(x, weight, bias, o.clone(), s);
         };
-        use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nhwc_to_nchw};
         let (x, weight) = (permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(weight));
         let ([n, h, w, _], [out, kh, kw, _]) = (x.shape().dims(), weight.shape().dims());
         let ho = (h + o.padding[0].0 + o.padding[0].1 - kh) / o.stride[0] + 1;
         let wo = (w + o.padding[1].0 + o.padding[1].1 - kw) / o.stride[1] + 1;
-        let y = output(&x, Shape::from([n, ho, wo, out]), x.dtype);
-        let (client, dtypes) = (x.client.clone(), [x.dtype, weight.dtype, y.dtype]);
-        let inputs = cubek::convolution::ConvolutionInputs::Forward { input: input(x), weight: input(weight), bias: bias.map(input), out: y.clone().binding() };
-        launch(&strategy, &client, inputs, o, dtypes)?;
-        Ok(permute_nhwc_to_nchw(y))
+        let y = (Shape::from([n, ho, wo, out]), x.dtype);
+        launch(&strategy, o, x, weight, y, |input, weight, out| cubek::convolution::ConvolutionInputs::Forward { input, weight, bias: bias.map(self::input), out })
     }
 
     /// The input gradient with `s`: cubek's kernel of `DMD_CONV_DGRAD` where that is set, `s` is
@@ -213,13 +215,8 @@ mod cube {
         let (ConvStrategy::ImplicitGemm, Some(strategy), [1, 1]) = (&s, algorithm(Pass::Data), o.stride) else {
             return conv_data_backward::<2>(grad, weight, x_shape, o.clone(), s);
         };
-        use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
-        let (grad, weight) = (permute_nchw_to_nhwc(grad), permute_nchw_to_nhwc(weight));
-        let dx = output(&grad, permute_nchw_to_nhwc_shape(x_shape), grad.dtype);
-        let (client, dtypes) = (grad.client.clone(), [grad.dtype, weight.dtype, dx.dtype]);
-        let inputs = cubek::convolution::ConvolutionInputs::BackwardData { out_grad: input(grad), weights: input(weight), in_grad: dx.clone().binding() };
-        launch(&strategy, &client, inputs, o, dtypes)?;
-        Ok(permute_nhwc_to_nchw(dx))
+        let dx = (permute_nchw_to_nhwc_shape(x_shape), grad.dtype);
+        launch(&strategy, o, permute_nchw_to_nhwc(grad), permute_nchw_to_nhwc(weight), dx, |out_grad, weights, in_grad| cubek::convolution::ConvolutionInputs::BackwardData { out_grad, weights, in_grad })
     }
 
     /// The weight gradient with `s`: cubek's kernel of `DMD_CONV_WGRAD` where that is set and
@@ -228,13 +225,8 @@ mod cube {
         let (ConvStrategy::ImplicitGemm, Some(strategy)) = (&s, algorithm(Pass::Weight)) else {
             return conv_weight_backward::<2>(x, grad, weight, o.clone(), s);
         };
-        use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nchw_to_nhwc_shape, permute_nhwc_to_nchw};
-        let (x, grad) = (permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(grad));
-        let dw = output(&grad, permute_nchw_to_nhwc_shape(weight), grad.dtype);
-        let (client, dtypes) = (x.client.clone(), [x.dtype, grad.dtype, dw.dtype]);
-        let inputs = cubek::convolution::ConvolutionInputs::BackwardWeight { input: input(x), out_grad: input(grad), weight_grad: dw.clone().binding() };
-        launch(&strategy, &client, inputs, o, dtypes)?;
-        Ok(permute_nhwc_to_nchw(dw))
+        let dw = (permute_nchw_to_nhwc_shape(weight), grad.dtype);
+        launch(&strategy, o, permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(grad), dw, |input, out_grad, weight_grad| cubek::convolution::ConvolutionInputs::BackwardWeight { input, out_grad, weight_grad })
     }
 
     /// `run` with the implicit-GEMM kernel, or `None` where its setup declines the shapes or
