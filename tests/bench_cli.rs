@@ -24,8 +24,8 @@ fn bench_writes_the_json_contract() {
     for key in ["denoise_fwd_ms", "teacher_step_ms", "dmd_step_ms"] {
         assert!(v[key].as_f64().is_some_and(|t| t > 0.0 && t.is_finite()), "{key}: {}", v[key]);
     }
-    // The teacher step's two timed parts.
-    for key in ["teacher_step_forward_backward_ms", "teacher_step_update_ms"] {
+    // The teacher step's timed parts.
+    for key in ["teacher_step_forward_backward_ms", "teacher_step_forward_ms", "teacher_step_backward_ms", "teacher_step_update_ms"] {
         assert!(v[key].as_f64().is_some_and(|t| t > 0.0 && t.is_finite()), "{key}: {}", v[key]);
     }
     assert_eq!(v["batch"], 2);

@@ -9,7 +9,8 @@ NET.json (EDMPrecond's keyword arguments; random weights) and reports, each the 
 --iters runs after --warmup untimed ones:
 
   denoise_fwd_ms   D(x; sigma, labels) on a batch, no autograd
-  teacher_step_ms  EDM loss on a batch, backward, Adam step
+  teacher_step_ms  EDM loss on a batch, backward, Adam step (and the three timed apart,
+                   synchronised between them: teacher_step_{forward,backward,update}_ms)
   dmd_step_ms      one DMD iteration as DMD2 runs it: generator forward at sigma 80; real and
                    fake score forward (no autograd) at Karras-grid sigmas from steps [20, 981)
                    of 1000; the normalised distribution-matching loss backward into the
@@ -44,6 +45,7 @@ def main():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--only", default="fwd,teacher,dmd", help="subset of fwd,teacher,dmd")
     p.add_argument("--ops", action="store_true", help="also time the building blocks alone, as `dmd bench --ops`")
+    p.add_argument("--profile", default=None, help="write torch.profiler's kernel table of one teacher step and one DMD iteration (after the timing) to this file")
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
@@ -117,6 +119,26 @@ def main():
             loss.backward()
             opt.step()
         out["teacher_step_ms"] = timed(teacher_step)
+
+        # The same step in three parts, synchronised between them, as `dmd bench` splits it.
+        def teacher_step_parts():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = loss_fn(teacher, x, labels).mean()
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            opt.step()
+            sync()
+            return t1 - t0, t2 - t1, time.perf_counter() - t2
+        parts = [teacher_step_parts() for _ in range(a.iters)]
+        for i, key in enumerate(("forward", "backward", "update")):
+            out[f"teacher_step_{key}_ms"] = statistics.median(p[i] for p in parts) * 1000.0
+        if a.profile:
+            profile(torch, teacher_step, a.profile, "teacher step", "w")
         del teacher, opt
 
     if "dmd" in only:
@@ -162,6 +184,8 @@ def main():
         out["dmd_step_ms"] = timed(dmd_iteration)
         if dev.type == "cuda":
             out["dmd_peak_gpu_mib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        if a.profile:
+            profile(torch, dmd_iteration, a.profile, "DMD iteration", "a")
 
     if a.ops:
         out["ops"] = time_ops(torch, kwargs, b, dev, timed)
@@ -171,12 +195,30 @@ def main():
     for k in ("denoise_fwd_ms", "teacher_step_ms", "dmd_step_ms"):
         if k in out:
             print(f"{k:>16}: {out[k]:.1f}")
+    if "teacher_step_update_ms" in out:
+        print("teacher step: loss forward {teacher_step_forward_ms:.1f} ms + backward {teacher_step_backward_ms:.1f} ms, Adam update {teacher_step_update_ms:.1f} ms".format(**out))
     if "dmd_peak_gpu_mib" in out:
         print(f"peak GPU memory (DMD iteration, PyTorch allocator): {out['dmd_peak_gpu_mib']:.0f} MiB")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
         print("wrote", a.json)
+
+
+def profile(torch, step, path, what, mode):
+    """Appends torch.profiler's table of `step` (run once, after warm-up) to `path`: the kernels
+    and ops by total device time, to set beside `dmd bench`'s CubeCL profile."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    with open(path, mode) as f:
+        f.write(f"# {what}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+        f.write("\n")
 
 
 def time_ops(torch, kwargs, b, dev, timed):

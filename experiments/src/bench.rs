@@ -466,37 +466,59 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             // Burn's Adam defaults (betas 0.9 / 0.999, epsilon 1e-5).
             let mut optim = crate::optim::adam(0.9, 0.999, 1e-5);
             let (x, sigma, labels, noise) = (x.clone().to_device(&ad), sigma.clone().to_device(&ad), labels.clone().map(|l| l.to_device(&ad)), noise.clone().to_device(&ad));
-            // The step in two timed parts, synchronised between them: the loss's forward +
-            // backward, and the optimiser's update (launch-bound on a GPU: a few kernels per
-            // parameter tensor).
+            // The step in three timed parts, synchronised between them: the loss's forward (with
+            // the autodiff graph), its backward, and the optimiser's update (launch-bound on a
+            // GPU: a few kernels per parameter tensor). Each part's host time (until its calls
+            // return, before waiting for the device) is kept too: on a GPU, a part whose host
+            // time is close to its whole time keeps the device waiting for launches.
             let mut parts = Vec::new();
             let total = timed_median(args.warmup, args.train_iters, || {
+                let mut marks = [0.0; 6];
                 let t = Instant::now();
+                let mut mark = |i: usize, sync: bool| {
+                    if sync {
+                        ad.sync().ok();
+                    }
+                    marks[i] = t.elapsed().as_secs_f64();
+                };
                 let n = net.take().expect("network");
                 let loss = edm_loss(&n, x.clone(), labels.clone(), sigma.clone(), noise.clone()).mean();
+                mark(0, false);
+                mark(1, true);
                 let grads = GradientsParams::from_grads(loss.backward(), &n);
-                ad.sync().ok();
-                let backward = t.elapsed().as_secs_f64();
+                mark(2, false);
+                mark(3, true);
                 net = Some(optim.step(1e-4, n, grads));
-                ad.sync().ok();
-                parts.push((backward, t.elapsed().as_secs_f64() - backward));
+                mark(4, false);
+                mark(5, true);
+                let m = marks;
+                parts.push([[m[1], m[3] - m[1], m[5] - m[3]], [m[0], m[2] - m[1], m[4] - m[3]]]);
             });
             let parts = parts.split_off(parts.len().saturating_sub(args.train_iters.max(1)));
-            Some((total, median(parts.iter().map(|p| p.0).collect()), median(parts.iter().map(|p| p.1).collect())))
+            let split = |k: usize| [0, 1, 2].map(|i| median(parts.iter().map(|p| p[k][i]).collect()));
+            Some((total, split(0), split(1)))
         };
-        let (train_s, train_split) = match train_s {
-            Some((total, fwd_bwd, update)) => (Some(total), Some((fwd_bwd, update))),
-            None => (None, None),
+        let (train_s, train_split, train_host) = match train_s {
+            Some((total, split, host)) => (Some(total), Some(split), Some(host)),
+            None => (None, None, None),
         };
         let dmd_s = if args.no_train { None } else { Some(dmd_iteration_s(&net, *backend, args)?) };
         let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.1}", s * 1000.0));
         println!("{:<8} {:>14.1} {:>20.1} {:>18} {:>20}", backend.to_string(), fwd_s * 1000.0, args.batch as f64 / fwd_s, ms(train_s), ms(dmd_s));
-        if let Some((fwd_bwd, update)) = train_split {
-            println!("{:<8} teacher step: loss forward + backward {:.1} ms, Adam update {:.1} ms", backend.to_string(), fwd_bwd * 1000.0, update * 1000.0);
+        if let (Some([fwd, bwd, update]), Some([h_fwd, h_bwd, h_update])) = (train_split, train_host) {
+            println!("{:<8} teacher step: loss forward {:.1} ms + backward {:.1} ms, Adam update {:.1} ms", backend.to_string(), fwd * 1000.0, bwd * 1000.0, update * 1000.0);
+            println!("{:<8} of which host time until the calls return: {:.1} + {:.1} ms, {:.1} ms", "", h_fwd * 1000.0, h_bwd * 1000.0, h_update * 1000.0);
         }
 
         // Generation: the one-step generator is one network call at sigma_max; the teacher
-        // runs EDM's Heun sampler (NFE = 2 steps - 1).
+        // runs EDM's Heun sampler (NFE = 2 steps - 1). On CUDA the one-step time after the
+        // training steps above was ~3x the forward's before them (results/bench/cuda/README.md);
+        // DMD_BENCH_CLEANUP=1 releases CubeCL's unused pool memory first, to test whether the
+        // pools' state is why.
+        if std::env::var("DMD_BENCH_CLEANUP").is_ok_and(|v| v == "1") {
+            device.sync().ok();
+            dmd_models::fused_update::release_unused_memory(&device);
+        }
         let mut sampling = serde_json::Map::new();
         let z = noise.clone();
         for &nfe in &args.sampling {
@@ -567,8 +589,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "denoise_fwd_ms": fwd_s * 1000.0,
                 "denoise_images_per_s": args.batch as f64 / fwd_s,
                 "teacher_step_ms": train_s.map(|s| s * 1000.0),
-                "teacher_step_forward_backward_ms": train_split.map(|p| p.0 * 1000.0),
-                "teacher_step_update_ms": train_split.map(|p| p.1 * 1000.0),
+                "teacher_step_forward_backward_ms": train_split.map(|p| (p[0] + p[1]) * 1000.0),
+                "teacher_step_forward_ms": train_split.map(|p| p[0] * 1000.0),
+                "teacher_step_backward_ms": train_split.map(|p| p[1] * 1000.0),
+                "teacher_step_update_ms": train_split.map(|p| p[2] * 1000.0),
+                "teacher_step_host_ms": train_host.map(|p| serde_json::json!({"forward": p[0] * 1000.0, "backward": p[1] * 1000.0, "update": p[2] * 1000.0})),
                 "dmd_step_ms": dmd_s.map(|s| s * 1000.0),
                 "generation_speedup_of_one_step_by_nfe": speedups(&sampling),
                 "generation_ms_per_batch_by_nfe": sampling,

@@ -201,27 +201,29 @@ struct FusedAdamW {
     queue: Arc<Mutex<UpdateQueue>>,
 }
 
-/// The fused step where `fused_update` takes the tensors and the state has no AMSGrad maximum:
-/// the moments continue `state` (zeros before the first step: m * beta + g * (1 - beta) is
-/// then exactly Burn's first-step g * (1 - beta)), `constants(t)` gives step t's
-/// [`AdamStep`]; queued in `queue` on a GPU. `None`: the caller runs Burn's own step.
+/// Whether the fused step applies: `fused_update` takes the tensors and the state has no
+/// AMSGrad maximum. Otherwise the caller runs Burn's own step.
+fn fuses<const D: usize>(tensor: &Tensor<D>, grad: &Tensor<D>, state: Option<&AdaptiveMomentumState<D>>) -> bool {
+    fused_update::takes(tensor) && fused_update::takes(grad) && state.is_none_or(|s| s.max_moment_2.is_none())
+}
+
+/// The fused step (where [`fuses`]): the moments continue `state` (zeros before the first
+/// step: m * beta + g * (1 - beta) is then exactly Burn's first-step g * (1 - beta)),
+/// `constants(t)` gives step t's [`AdamStep`]; queued in `queue` on a GPU. The tensor and the
+/// moments are taken by value (no clones held while the step is queued).
 fn fused_step<const D: usize>(
-    tensor: &Tensor<D>,
-    grad: &Tensor<D>,
-    state: Option<&AdaptiveMomentumState<D>>,
+    tensor: Tensor<D>,
+    grad: Tensor<D>,
+    state: Option<AdaptiveMomentumState<D>>,
     queue: &Mutex<UpdateQueue>,
     constants: impl FnOnce(usize) -> AdamStep,
-) -> Option<(Tensor<D>, AdaptiveMomentumState<D>)> {
-    if !(fused_update::takes(tensor) && fused_update::takes(grad)) {
-        return None;
-    }
+) -> (Tensor<D>, AdaptiveMomentumState<D>) {
     let (m1, m2, t) = match state {
-        Some(s) if s.max_moment_2.is_none() => (s.moment_1.clone(), s.moment_2.clone(), s.time + 1),
-        Some(_) => return None,
+        Some(s) => (s.moment_1, s.moment_2, s.time + 1),
         None => (grad.zeros_like(), grad.zeros_like(), 1),
     };
-    let (tensor, m1, m2) = queue.lock().expect("the optimiser's queue").adam(tensor.clone(), grad.clone(), m1, m2, constants(t));
-    Some((tensor, AdaptiveMomentumState::new(t, m1, m2)))
+    let (tensor, m1, m2) = queue.lock().expect("the optimiser's queue").adam(tensor, grad, m1, m2, constants(t));
+    (tensor, AdaptiveMomentumState::new(t, m1, m2))
 }
 
 impl Optimizer for FusedAdam {
@@ -242,10 +244,11 @@ impl Optimizer for FusedAdam {
                 lr: lr as f32,
             }
         };
-        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), &self.queue, constants) {
-            Some((tensor, momentum)) => (tensor, Some(AdamState::new(momentum))),
-            None => self.burn.step(lr, tensor, grad, state),
+        if !fuses(&tensor, &grad, state.as_ref().map(|s| &s.momentum)) {
+            return self.burn.step(lr, tensor, grad, state);
         }
+        let (tensor, momentum) = fused_step(tensor, grad, state.map(|s| s.momentum), &self.queue, constants);
+        (tensor, Some(AdamState::new(momentum)))
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
@@ -270,10 +273,11 @@ impl Optimizer for FusedAdamW {
             decay: if decay_rate == 0.0 { 1.0 } else { (1.0 - decay_rate) as f32 },
             lr: lr as f32,
         };
-        match fused_step(&tensor, &grad, state.as_ref().map(|s| &s.momentum), &self.queue, constants) {
-            Some((tensor, momentum)) => (tensor, Some(AdamWState::new(momentum))),
-            None => self.burn.step(lr, tensor, grad, state),
+        if !fuses(&tensor, &grad, state.as_ref().map(|s| &s.momentum)) {
+            return self.burn.step(lr, tensor, grad, state);
         }
+        let (tensor, momentum) = fused_step(tensor, grad, state.map(|s| s.momentum), &self.queue, constants);
+        (tensor, Some(AdamWState::new(momentum)))
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {

@@ -548,6 +548,23 @@ pub(crate) mod cube {
     }
 }
 
+/// Has CubeCL release the device memory its pools hold but no tensor uses (its explicit
+/// cleanup; the next allocations that need it allocate again), on a device where this crate's
+/// CubeCL kernels run; nothing elsewhere. For `dmd bench` (`DMD_BENCH_CLEANUP`): a forward pass
+/// after training steps ran ~3x slower than before them on the H100 and the H200, and
+/// whether the pools' state is the cause is what this tests.
+pub fn release_unused_memory(device: &Device) {
+    #[cfg(cube_kernels)]
+    if crate::nn::cube_kernels(device) {
+        let t = cube::from_dispatch(Tensor::<1>::zeros([1], device).into_dispatch());
+        if let Err(e) = t.client.memory_cleanup() {
+            eprintln!("note: CubeCL's memory cleanup refused: {e:?}");
+        }
+    }
+    #[cfg(not(cube_kernels))]
+    let _ = device;
+}
+
 /// Whether [`adam_update`] and [`ema_update`] take `t`: a float32 tensor not tracked by
 /// autodiff (as the optimisers' and the EMA's are) on flex, or on a CubeCL device (CUDA) in a
 /// build without Burn's fusion (which fuses Burn's own update ops into a few kernels instead).

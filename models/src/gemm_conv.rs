@@ -134,9 +134,11 @@ mod cube {
 
     /// cubek's implicit-GEMM algorithm for `pass` from `DMD_CONV_FWD`, `DMD_CONV_DGRAD` or
     /// `DMD_CONV_WGRAD`: `sync`, `async` or `tma`, with `-mma` for MMA instead of CMMA tiles
-    /// (the six Burn's autotune would try); read once. Unset: Burn's `ImplicitGemm` (cubek's
-    /// `sync` on CMMA tiles), the measured default. Burn reaches the others only through its
-    /// autotune, so this is how a device session times them.
+    /// (the six Burn's autotune would try), or `im2col` for the weight gradient (not cubek's:
+    /// [`weight_gradient_by_columns`]); read once. Unset: Burn's `ImplicitGemm` (cubek's `sync`
+    /// on CMMA tiles), the measured default: on an H200 cubek declined every `async` and `tma`
+    /// kernel ("Async barrier instructions are not available on the current device", so Burn's
+    /// direct kernels ran, 7x slower) and `sync-mma` was no faster (h200/run14).
     fn algorithm(pass: Pass) -> Option<cubek::convolution::Strategy> {
         use cubek::convolution::{AcceleratedTileKind, ConvAlgorithm, Strategy};
         static CHOSEN: [OnceLock<Option<Strategy>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
@@ -157,6 +159,8 @@ mod cube {
                     // cubek has no TMA kernel for the input gradient (it would decline to
                     // Burn's direct kernel at every convolution).
                     ("tma", _) if !matches!(pass, Pass::Data) => ConvAlgorithm::SimpleAsyncTma,
+                    // Not cubek's: `weight_gradient_by_columns` (see `columns_for_weight_gradient`).
+                    ("im2col", false) if matches!(pass, Pass::Weight) => return None,
                     _ => {
                         eprintln!("warning: {var}={raw:?} ignored: expected sync, async or tma (not for the input gradient), optionally with -mma");
                         return None;
@@ -229,6 +233,125 @@ mod cube {
         launch(&strategy, o, permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(grad), dw, |input, out_grad, weight_grad| cubek::convolution::ConvolutionInputs::BackwardWeight { input, out_grad, weight_grad })
     }
 
+    /// Whether `DMD_CONV_WGRAD=im2col` asks for [`weight_gradient_by_columns`]; read once. Not
+    /// the default: on an H200 it saved 14 ms of the ImageNet-64 ADM's 159 ms teacher-step
+    /// backward but raised the GPU memory of `dmd bench` at batch 8 from 17.8 to 25.2 GiB
+    /// (CubeCL's pools grew pages to the columns' size; results/bench/cuda/README.md).
+    fn columns_for_weight_gradient() -> bool {
+        static CHOSEN: OnceLock<bool> = OnceLock::new();
+        *CHOSEN.get_or_init(|| std::env::var("DMD_CONV_WGRAD").is_ok_and(|v| v == "im2col"))
+    }
+
+    /// The columns kernel (a module of its own for CubeCL's prelude, whose names clash).
+    mod columns {
+        use burn_cubecl::cubecl;
+        use burn_cubecl::cubecl::prelude::*;
+
+        /// Columns `cols` [N Ho Wo, kh kw C] of `x` [N, C, H, W] (any strides) for a stride-1
+        /// convolution with zero padding `pad_h`, `pad_w`: row (n, oy, ox), column (ky, kx, c) is
+        /// x[n, c, oy + ky - pad_h, ox + kx - pad_w], zero outside (the weight's channels-last
+        /// order [O, kh, kw, C], so that cols' product with the output gradient is that layout).
+        #[cube(launch)]
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn im2col_kernel<E: Numeric>(x: &Tensor<E>, cols: &mut Tensor<E>, kernel_w: usize, pad_h: usize, pad_w: usize, out_h: usize, out_w: usize, #[define(E)] _dtype: ElemType) {
+            let i = ABSOLUTE_POS;
+            if i < cols.len() {
+                let channels = x.shape(1);
+                let width = cols.shape(1);
+                let (row, col) = (i / width, i % width);
+                let (tap, c) = (col / channels, col % channels);
+                let (ky, kx) = (tap / kernel_w, tap % kernel_w);
+                let (ox, rest) = (row % out_w, row / out_w);
+                let (oy, n) = (rest % out_h, rest / out_h);
+                // Unsigned: the padded position, compared before the padding is taken off.
+                let (iy, ix) = (oy + ky, ox + kx);
+                let mut v = E::from_int(0);
+                if iy >= pad_h && ix >= pad_w && iy - pad_h < x.shape(2) && ix - pad_w < x.shape(3) {
+                    v = x[n * x.stride(0) + c * x.stride(1) + (iy - pad_h) * x.stride(2) + (ix - pad_w) * x.stride(3)];
+                }
+                cols[i] = v;
+            }
+        }
+    }
+
+    /// Into how many equal pieces the weight gradient's contraction over `rows` = N Ho Wo is
+    /// cut: a power of two dividing `rows`, each piece at least 2048 rows, at most 64 pieces.
+    fn contraction_pieces(rows: usize) -> usize {
+        let most = (rows / 2048).clamp(1, 64);
+        (0..=most.ilog2()).rev().map(|p| 1usize << p).find(|s| rows % s == 0).unwrap_or(1)
+    }
+
+    /// Bytes of columns [`weight_gradient_by_columns`] materialises at once at most: larger
+    /// batches are taken a few images at a time, their gradients added (at batch 8 in float32
+    /// the ImageNet-64 ADM's largest columns are 453 MB, one piece; at batch 40 in bf16, 1.1 GB).
+    const COLUMNS_BUDGET: usize = 512 << 20;
+
+    /// The weight gradient of a stride-1 convolution as a matrix product with the contraction
+    /// cut into pieces, [S, O, N Ho Wo / S] x [S, N Ho Wo / S, kh kw C], summed over S: the
+    /// implicit GEMM gives each output tile the whole contraction (N H W: 32768 rows at
+    /// 64x64, batch 8) over few tiles (O x 9 C), which leaves most of a GPU idle; the pieces
+    /// multiply the work items by S at the cost of the columns (N Ho Wo x 9 C values, at most
+    /// [`COLUMNS_BUDGET`] at a time) and a small sum. On an H200 it took the ImageNet-64 ADM's
+    /// teacher-step backward from 159 to 145 ms, at a cost in memory (see
+    /// `columns_for_weight_gradient`). Returned channels last [O, C, kh, kw] like the implicit
+    /// GEMM's. `None` for other strides.
+    pub(crate) fn weight_gradient_by_columns(x: &CubeTensor, grad: &CubeTensor, weight: &Shape, o: &ConvOptions<2>) -> Option<CubeTensor> {
+        weight_gradient_by_columns_within(x, grad, weight, o, COLUMNS_BUDGET)
+    }
+
+    /// [`weight_gradient_by_columns`] with at most `budget` bytes of columns at once.
+    pub(crate) fn weight_gradient_by_columns_within(x: &CubeTensor, grad: &CubeTensor, weight: &Shape, o: &ConvOptions<2>, budget: usize) -> Option<CubeTensor> {
+        use burn::backend::ops::FloatTensorOps;
+        use burn::tensor::Slice;
+        type B = CubeBackend;
+        if o.stride != [1, 1] || o.dilation != [1, 1] || o.groups != 1 || x.dtype != grad.dtype {
+            return None;
+        }
+        let [n, c, _, _] = x.shape().dims();
+        let [out, _, kh, kw] = weight.dims();
+        let [_, _, ho, wo] = grad.shape().dims();
+        let width = kh * kw * c;
+        let images_at_once = (budget / (ho * wo * width * x.dtype.size()).max(1)).clamp(1, n);
+        // [N, Ho, Wo, O] rows (a view where the gradient is channels last).
+        let grad_rows = permute_nchw_to_nhwc(grad.clone());
+        let mut dw: Option<CubeTensor> = None;
+        for first in (0..n).step_by(images_at_once) {
+            let images = images_at_once.min(n - first);
+            let batch = |t: &CubeTensor| match images == n {
+                true => t.clone(),
+                false => B::float_slice(t.clone(), &[Slice::from(first..first + images)]),
+            };
+            let rows = images * ho * wo;
+            let cols = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from([rows, width]), x.dtype);
+            let (count, dim) = crate::fused_update::cube::grid(&cols);
+            let [pad_h, pad_w] = o.padding_begin();
+            columns::im2col_kernel::launch(
+                &x.client,
+                count,
+                dim,
+                batch(x).into_tensor_arg(),
+                cols.clone().into_tensor_arg(),
+                kw,
+                pad_h,
+                pad_w,
+                ho,
+                wo,
+                burn::backend::cubecl::dtype_to_storage_type(x.dtype),
+            );
+            let pieces = contraction_pieces(rows);
+            let per = rows / pieces;
+            let g = B::float_swap_dims(B::float_reshape(batch(&grad_rows), Shape::from([pieces, per, out])), 1, 2);
+            let partial = B::float_matmul(g, B::float_reshape(cols, Shape::from([pieces, per, width])));
+            let part = if pieces > 1 { B::float_sum_dim(partial, 0) } else { partial };
+            dw = Some(match dw {
+                Some(sum) => B::float_add(sum, part),
+                None => part,
+            });
+        }
+        let dw = dw.expect("a batch of at least one image");
+        Some(burn_cubecl::ops::permute_nhwc_to_nchw(B::float_reshape(dw, Shape::from([out, kh, kw, c]))))
+    }
+
     /// `run` with the implicit-GEMM kernel, or `None` where its setup declines the shapes or
     /// dtype (an error), noting that on stderr once per operation and convolution, and
     /// declining at once from then on (a declined attempt can cost copies of its inputs
@@ -265,6 +388,9 @@ mod cube {
     /// whatever the dtype (the direct kernel sums in its dtype, over all N H W positions).
     fn weight_gradient(x: &CubeTensor, grad: &CubeTensor, weight: &Shape, o: &ConvOptions<2>) -> CubeTensor {
         if weight[1] % 8 == 0 {
+            if let Some(dw) = columns_for_weight_gradient().then(|| weight_gradient_by_columns(x, grad, weight, o)).flatten() {
+                return dw;
+            }
             return implicit_gemm_or_direct("weight gradient", x, weight, o, |s| weight_gradient_with(x.clone(), grad.clone(), weight.clone(), o, s));
         }
         let f32 = |t: &CubeTensor| if t.dtype == DType::F32 { t.clone() } else { cast(t.clone(), DType::F32) };
@@ -409,6 +535,43 @@ mod cube_tests {
         // the 576 positions would be far above.
         let error = rel_error(&got, &want);
         assert!(error < 4e-3, "relative error {error}");
+    }
+
+    /// The weight gradient by columns and a cut contraction (`DMD_CONV_WGRAD=im2col`) is flex's weight
+    /// gradient: 3x3 and 4x4 kernels, with and without padding, inputs channels first and
+    /// last, contractions of 2 and 4 pieces and uncut, and the batch taken whole, 3 images at
+    /// a time (the last 2) and one at a time.
+    #[test]
+    fn the_weight_gradient_by_columns_is_the_flex_one() {
+        use super::cube::weight_gradient_by_columns_within;
+        use crate::fused_update::cube::{from_dispatch, into_dispatch};
+        // (n, c, o, h, w, kernel, padding, x channels last, images at once)
+        let cases = [(4, 8, 6, 32, 32, 3, 1, false, 4), (8, 8, 6, 32, 32, 3, 1, true, 8), (2, 16, 5, 13, 11, 3, 1, true, 2), (4, 8, 3, 35, 35, 4, 0, false, 4), (16, 8, 4, 16, 16, 3, 0, true, 16), (5, 8, 6, 12, 12, 3, 1, true, 3), (3, 8, 4, 9, 9, 3, 1, false, 1)];
+        for (n, c, o, h, w, k, pad, x_last, at_once) in cases {
+            let (ho, wo) = (h + 2 * pad - k + 1, w + 2 * pad - k + 1);
+            let (xv, wv, dyv) = (values(n * c * h * w, 1, 2.0, 0.0), values(o * c * k * k, 2, 1.0, 0.0), values(n * o * ho * wo, 3, 2.0, 0.0));
+            let want: Vec<f64> = {
+                let ad = Device::flex().autodiff();
+                let x = Tensor::<4>::from_data(TensorData::new(xv.clone(), [n, c, h, w]), &ad);
+                let weight = Tensor::<4>::from_data(TensorData::new(wv.clone(), [o, c, k, k]), &ad).require_grad();
+                let dy = Tensor::<4>::from_data(TensorData::new(dyv.clone(), [n, o, ho, wo]), &ad);
+                let grads = (conv2d_dense(x, weight.clone(), None, 1, [pad, pad]) * dy).sum().backward();
+                weight.grad(&grads).unwrap().into_data().iter::<f32>().map(f64::from).collect()
+            };
+            let device = Device::cpu();
+            let x = match x_last {
+                true => channels_last(&xv, [n, c, h, w], &device),
+                false => Tensor::<4>::from_data(TensorData::new(xv, [n, c, h, w]), &device),
+            };
+            let dy = Tensor::<4>::from_data(TensorData::new(dyv, [n, o, ho, wo]), &device);
+            let budget = at_once * ho * wo * k * k * c * 4;
+            let dw = weight_gradient_by_columns_within(&from_dispatch(x.into_dispatch()), &from_dispatch(dy.into_dispatch()), &[o, c, k, k].into(), &super::options(1, pad, pad), budget).expect("stride 1");
+            let dw = Tensor::<4>::from_dispatch(into_dispatch(dw));
+            assert_eq!(dw.dims(), [o, c, k, k]);
+            let got = dw.into_data().iter::<f32>().collect::<Vec<_>>();
+            let error = rel_error(&got, &want);
+            assert!(error < 2e-6, "case {:?}: relative error {error}", (n, c, o, h, w, k, pad, x_last, at_once));
+        }
     }
 
     #[test]

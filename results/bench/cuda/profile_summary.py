@@ -5,7 +5,7 @@ Each profiled launch is a line `| DURATION | KERNEL NAME`. Every kernel's first 
 (compilation included) is counted apart; launches without a time (`not measured`, or the
 placeholder 3600s CubeCL writes for some) are counted only.
 
-    python3 profile_summary.py LOG [TOP]
+    python3 profile_summary.py LOG [TOP [WIDTH]]     (WIDTH: characters of each name, 110; 0: whole)
 """
 import collections
 import re
@@ -21,6 +21,7 @@ def ms(text):
 
 def main():
     path, top = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40
+    width = int(sys.argv[3]) if len(sys.argv) > 3 else 110
     total, count, first, untimed = collections.Counter(), collections.Counter(), {}, 0
     for line in open(path, encoding="utf-8", errors="replace"):
         if not line.startswith("| "):
@@ -39,7 +40,7 @@ def main():
     print(f"# kernel time excluding each kernel's first launch: {sum(total.values()):.1f} ms over {sum(count.values())} launches; "
           f"first launches (with compilation) {sum(first.values()):.1f} ms over {len(first)} kernels; {untimed} launches without a time")
     for name, t in total.most_common(top):
-        print(f"{t:10.2f} ms {count[name]:7d}  {name[:110]}")
+        print(f"{t:10.2f} ms {count[name]:7d}  {name[:width] if width else name}")
 
 
 if __name__ == "__main__":
