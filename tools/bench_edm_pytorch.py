@@ -112,28 +112,26 @@ def main():
         opt = torch.optim.Adam(teacher.parameters(), lr=1e-4)
         loss_fn = EDMLoss()
 
-        def teacher_step():
+        # `mark` is called after the loss forward and after the backward.
+        def teacher_step(mark=lambda: None):
             opt.zero_grad(set_to_none=True)
             with autocast():
                 loss = loss_fn(teacher, x, labels).mean()
+            mark()
             loss.backward()
+            mark()
             opt.step()
         out["teacher_step_ms"] = timed(teacher_step)
 
         # The same step in three parts, synchronised between them, as `dmd bench` splits it.
         def teacher_step_parts():
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = loss_fn(teacher, x, labels).mean()
-            sync()
-            t1 = time.perf_counter()
-            loss.backward()
-            sync()
-            t2 = time.perf_counter()
-            opt.step()
-            sync()
-            return t1 - t0, t2 - t1, time.perf_counter() - t2
+            marks = [time.perf_counter()]
+            def mark():
+                sync()
+                marks.append(time.perf_counter())
+            teacher_step(mark)
+            mark()
+            return [later - earlier for earlier, later in zip(marks, marks[1:])]
         parts = [teacher_step_parts() for _ in range(a.iters)]
         for i, key in enumerate(("forward", "backward", "update")):
             out[f"teacher_step_{key}_ms"] = statistics.median(p[i] for p in parts) * 1000.0

@@ -49,8 +49,9 @@ fn burn_conv2d_weight_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTenso
     B::conv2d_weight_backward(x, weight, grad, options(stride, pad_h, pad_w))
 }
 
-/// The output shape of `gemm_conv2d` (for Burn's fusion, which records it before running).
-#[cfg_attr(not(feature = "fusion"), allow(dead_code))]
+/// The output shape of `gemm_conv2d` (for Burn's fusion, which records it before running, and
+/// for cubek's kernels, which write into a tensor allocated for them).
+#[cfg_attr(not(any(feature = "fusion", feature = "cuda", feature = "cube-cpu")), allow(dead_code))]
 fn output_shape(x: &Shape, weight: &Shape, stride: &usize, pad_h: &usize, pad_w: &usize) -> Shape {
     let out = |size: usize, pad: usize, k: usize| (size + 2 * pad - k) / stride + 1;
     Shape::from([x[0], weight[0], out(x[2], *pad_h, weight[2]), out(x[3], *pad_w, weight[3])])
@@ -132,16 +133,26 @@ mod cube {
         Weight,
     }
 
-    /// cubek's implicit-GEMM algorithm for `pass` from `DMD_CONV_FWD`, `DMD_CONV_DGRAD` or
-    /// `DMD_CONV_WGRAD`: `sync`, `async` or `tma`, with `-mma` for MMA instead of CMMA tiles
-    /// (the six Burn's autotune would try), or `im2col` for the weight gradient (not cubek's:
-    /// [`weight_gradient_by_columns`]); read once. Unset: Burn's `ImplicitGemm` (cubek's `sync`
-    /// on CMMA tiles), the measured default: on an H200 cubek declined every `async` and `tma`
-    /// kernel ("Async barrier instructions are not available on the current device", so Burn's
-    /// direct kernels ran, 7x slower) and `sync-mma` was no faster (h200/run14).
-    fn algorithm(pass: Pass) -> Option<cubek::convolution::Strategy> {
+    /// How a pass of the convolutions runs.
+    #[derive(Clone)]
+    enum Choice {
+        /// Burn's launcher of its `ImplicitGemm` (cubek's `sync` on CMMA tiles).
+        Burn,
+        /// cubek's kernel with this strategy, launched here.
+        Cubek(cubek::convolution::Strategy),
+        /// The weight gradient by [`weight_gradient_by_columns`] (where it applies).
+        Columns,
+    }
+
+    /// The choice for `pass` from `DMD_CONV_FWD`, `DMD_CONV_DGRAD` or `DMD_CONV_WGRAD`: `sync`,
+    /// `async` or `tma`, with `-mma` for MMA instead of CMMA tiles (the six Burn's autotune
+    /// would try), or `im2col` for the weight gradient; read once. Unset: Burn's, the measured
+    /// default: on an H200 cubek declined every `async` and `tma` kernel ("Async barrier
+    /// instructions are not available on the current device", so Burn's direct kernels ran, 7x
+    /// slower) and `sync-mma` was no faster (h200/run14).
+    fn choice(pass: Pass) -> Choice {
         use cubek::convolution::{AcceleratedTileKind, ConvAlgorithm, Strategy};
-        static CHOSEN: [OnceLock<Option<Strategy>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static CHOSEN: [OnceLock<Choice>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
         let (slot, var) = match pass {
             Pass::Forward => (0, "DMD_CONV_FWD"),
             Pass::Data => (1, "DMD_CONV_DGRAD"),
@@ -149,7 +160,9 @@ mod cube {
         };
         CHOSEN[slot]
             .get_or_init(|| {
-                let raw = std::env::var(var).ok()?;
+                let Ok(raw) = std::env::var(var) else {
+                    return Choice::Burn;
+                };
                 let (name, mma) = raw.strip_suffix("-mma").map_or((raw.as_str(), false), |name| (name, true));
                 let algorithm = match (name, mma) {
                     ("sync", false) => ConvAlgorithm::SimpleSyncCyclic,
@@ -159,17 +172,24 @@ mod cube {
                     // cubek has no TMA kernel for the input gradient (it would decline to
                     // Burn's direct kernel at every convolution).
                     ("tma", _) if !matches!(pass, Pass::Data) => ConvAlgorithm::SimpleAsyncTma,
-                    // Not cubek's: `weight_gradient_by_columns` (see `columns_for_weight_gradient`).
-                    ("im2col", false) if matches!(pass, Pass::Weight) => return None,
+                    ("im2col", false) if matches!(pass, Pass::Weight) => return Choice::Columns,
                     _ => {
-                        eprintln!("warning: {var}={raw:?} ignored: expected sync, async or tma (not for the input gradient), optionally with -mma");
-                        return None;
+                        eprintln!("warning: {var}={raw:?} ignored: expected sync, async or tma (not for the input gradient), optionally with -mma, or im2col for the weight gradient");
+                        return Choice::Burn;
                     }
                 };
                 let tile_kind = if mma { AcceleratedTileKind::Mma } else { AcceleratedTileKind::Cmma };
-                Some(Strategy::Inferred { algorithm, tile_kind })
+                Choice::Cubek(Strategy::Inferred { algorithm, tile_kind })
             })
             .clone()
+    }
+
+    /// cubek's strategy for `pass`, where [`choice`] names one.
+    fn algorithm(pass: Pass) -> Option<cubek::convolution::Strategy> {
+        match choice(pass) {
+            Choice::Cubek(strategy) => Some(strategy),
+            Choice::Burn | Choice::Columns => None,
+        }
     }
 
     /// cubek's convolution with `strategy` of `lhs` and `rhs` (channels last, as Burn's CubeCL
@@ -205,11 +225,10 @@ mod cube {
         let (ConvStrategy::ImplicitGemm, Some(strategy)) = (&s, algorithm(Pass::Forward)) else {
             return conv_forward::<2>(x, weight, bias, o.clone(), s);
         };
+        // `options` pads each side alike and strides both dimensions alike.
+        let [pad_h, pad_w] = o.padding_begin();
+        let y = (permute_nchw_to_nhwc_shape(super::output_shape(&x.shape(), &weight.shape(), &o.stride[0], &pad_h, &pad_w)), x.dtype);
         let (x, weight) = (permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(weight));
-        let ([n, h, w, _], [out, kh, kw, _]) = (x.shape().dims(), weight.shape().dims());
-        let ho = (h + o.padding[0].0 + o.padding[0].1 - kh) / o.stride[0] + 1;
-        let wo = (w + o.padding[1].0 + o.padding[1].1 - kw) / o.stride[1] + 1;
-        let y = (Shape::from([n, ho, wo, out]), x.dtype);
         launch(&strategy, o, x, weight, y, |input, weight, out| cubek::convolution::ConvolutionInputs::Forward { input, weight, bias: bias.map(self::input), out })
     }
 
@@ -233,13 +252,12 @@ mod cube {
         launch(&strategy, o, permute_nchw_to_nhwc(x), permute_nchw_to_nhwc(grad), dw, |input, out_grad, weight_grad| cubek::convolution::ConvolutionInputs::BackwardWeight { input, out_grad, weight_grad })
     }
 
-    /// Whether `DMD_CONV_WGRAD=im2col` asks for [`weight_gradient_by_columns`]; read once. Not
-    /// the default: on an H200 it saved 14 ms of the ImageNet-64 ADM's 159 ms teacher-step
-    /// backward but raised the GPU memory of `dmd bench` at batch 8 from 17.8 to 25.2 GiB
-    /// (CubeCL's pools grew pages to the columns' size; results/bench/cuda/README.md).
+    /// Whether `DMD_CONV_WGRAD=im2col` asks for [`weight_gradient_by_columns`]. Not the
+    /// default: on an H200 it saved 14 ms of the ImageNet-64 ADM's 159 ms teacher-step backward
+    /// but raised the GPU memory of `dmd bench` at batch 8 from 17.8 to 25.2 GiB (CubeCL's pools
+    /// grew pages to the columns' size; results/bench/cuda/README.md).
     fn columns_for_weight_gradient() -> bool {
-        static CHOSEN: OnceLock<bool> = OnceLock::new();
-        *CHOSEN.get_or_init(|| std::env::var("DMD_CONV_WGRAD").is_ok_and(|v| v == "im2col"))
+        matches!(choice(Pass::Weight), Choice::Columns)
     }
 
     /// The columns kernel (a module of its own for CubeCL's prelude, whose names clash).
@@ -314,6 +332,7 @@ mod cube {
         let images_at_once = (budget / (ho * wo * width * x.dtype.size()).max(1)).clamp(1, n);
         // [N, Ho, Wo, O] rows (a view where the gradient is channels last).
         let grad_rows = permute_nchw_to_nhwc(grad.clone());
+        let [pad_h, pad_w] = o.padding_begin();
         let mut dw: Option<CubeTensor> = None;
         for first in (0..n).step_by(images_at_once) {
             let images = images_at_once.min(n - first);
@@ -324,7 +343,6 @@ mod cube {
             let rows = images * ho * wo;
             let cols = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::from([rows, width]), x.dtype);
             let (count, dim) = crate::fused_update::cube::grid(&cols);
-            let [pad_h, pad_w] = o.padding_begin();
             columns::im2col_kernel::launch(
                 &x.client,
                 count,
