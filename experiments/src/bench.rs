@@ -445,7 +445,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     for backend in &args.backends {
         let device = backend.device()?;
-        let net = EdmPrecond::new(&cfg, &device, 0).with_bf16_body(args.bf16);
+        // Its weights where a loaded network's are (CubeCL's persistent pool on CUDA).
+        let net = dmd_models::weights::into_persistent_pool(EdmPrecond::new(&cfg, &device, 0).with_bf16_body(args.bf16));
         let conv = backend.conv_impl()?;
         let cube_kernels = dmd_models::nn::cube_kernels(&device);
         println!("# {backend}: convolutions {conv:?}{}", if cube_kernels { ", this project's CubeCL kernels (group norm, attention, SiLU, conv bias, Adam, EMA)" } else { "" });

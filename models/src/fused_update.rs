@@ -14,7 +14,8 @@
 //! agrees to rounding. On CUDA one launch serves up to 32 tensors (a sequence of buffers,
 //! the loop over them unrolled in the kernel), so a module's updates are queued
 //! ([`UpdateQueue`]) and launched together at the end of its step; there the kernels write
-//! over the weights and moments (or the EMA's tensors) where nothing else holds them.
+//! over the weights and moments (or the EMA's tensors) where nothing else holds them, which
+//! live in CubeCL's persistent pool ([`persistent`]).
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Flex};
@@ -427,21 +428,39 @@ pub(crate) mod cube {
         }
     }
 
-    /// `t` (contiguous) where no other tensor holds its buffer, else a copy nothing else holds:
-    /// the update kernels write their results over their inputs, so an optimiser step allocates
-    /// nothing for its weights and moments once they are its own (~1800 allocations and 3.5
-    /// GB held twice over per update of the ImageNet-64 ADM, where each step used to write three
-    /// new tensors per parameter). A weight still shared, such as a generator's initialised from
-    /// the teacher, is copied at its first step.
+    /// `t` (contiguous) where no other tensor holds its buffer and it lies in CubeCL's
+    /// persistent pool, else a copy there that nothing else holds. The update kernels write
+    /// their results over their inputs, so an optimiser step allocates nothing for its weights
+    /// and moments once they are its own (~1800 allocations and 3.5 GB held twice over per
+    /// update of the ImageNet-64 ADM, where each step used to write three new tensors per
+    /// parameter); and those, which live for the whole run, are kept out of the pages that
+    /// activations are carved from ([`super::persistent`] says why). So a weight is copied at
+    /// its first update when it is still shared (a generator's, initialised from the teacher)
+    /// or was allocated elsewhere (a random initialisation, the moments' zeros, a resumed
+    /// checkpoint's state), and never again.
     fn owned(t: CubeTensor) -> CubeTensor {
-        if t.can_mut() && t.is_contiguous() {
+        let pool = super::persistent_pool_on();
+        if t.can_mut() && t.is_contiguous() && (!pool || in_persistent_pool(&t)) {
             return t;
         }
-        let copy = empty(&t, t.shape());
-        let (count, dim) = grid(&copy);
+        persistent_copy(t)
+    }
+
+    /// A copy of `t` (contiguous) in CubeCL's persistent pool (unless `DMD_PERSISTENT_POOL=off`).
+    pub(crate) fn persistent_copy(t: CubeTensor) -> CubeTensor {
         let client = t.client.clone();
+        let copy = if super::persistent_pool_on() { client.memory_persistent_allocation(&t, |t| empty(t, t.shape())) } else { empty(&t, t.shape()) };
+        let (count, dim) = grid(&copy);
         copy_kernel::launch(&client, count, dim, t.into_tensor_arg(), copy.clone().into_tensor_arg());
         copy
+    }
+
+    /// Whether `t`'s buffer lies in CubeCL's persistent pool. Its reservation runs on CubeCL's
+    /// device thread: until that thread has reached it, the location is unset and this says no
+    /// (at worst an extra copy).
+    pub(crate) fn in_persistent_pool(t: &CubeTensor) -> bool {
+        let at = t.handle.memory.descriptor().location();
+        at.init != 0 && at.pool == cubecl_runtime::memory_management::PERSISTENT_POOL_POS
     }
 
     /// The grid of a batched kernel over `tensors` (at most [`BATCH`]): a row of cubes per
@@ -568,6 +587,45 @@ pub(crate) mod cube {
             partials
         }
     }
+}
+
+/// `make()` with the CubeCL allocations it makes on `device` (a CubeCL device; elsewhere it
+/// only runs `make`) in CubeCL's persistent pool: for tensors that live for a whole run
+/// (weights, optimiser moments, an EMA). CubeCL 0.11's default pools carve all other
+/// allocations from shared pages, and each reservation walks and coalesces the slices of every
+/// page before one that fits, on the device thread that also launches the kernels; the
+/// persistent pool finds an exact-size slot in a hash map. `tools/cubecl_pool_probe` (CubeCL's
+/// memory manager on the host, the ImageNet-64 ADM's parameter sizes;
+/// results/bench/cuda/host/) measured a training step's reservations at 6.9 us each with the
+/// weights in the shared pages, 13-18 us with two Adam moments and an EMA as well, and 2.0 us
+/// with all of those in the persistent pool; a forward's at 5.1 against 0.17 us.
+/// `DMD_PERSISTENT_POOL=off` leaves everything in the shared pages, as before 2026-11-28 (to
+/// compare on a GPU).
+pub fn persistent<T: Send>(device: &Device, make: impl FnOnce() -> T + Send) -> T {
+    if !persistent_pool_on() {
+        return make();
+    }
+    let make = std::sync::Mutex::new(Some(make));
+    device.memory_persistent_allocations((), |()| (make.lock().expect("not poisoned").take().expect("called once"))())
+}
+
+/// Whether [`persistent`] and the update kernels put tensors in CubeCL's persistent pool: unless
+/// `DMD_PERSISTENT_POOL=off`.
+pub fn persistent_pool_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DMD_PERSISTENT_POOL").map_or(true, |v| v.trim() != "off"))
+}
+
+/// `t` with its values in CubeCL's persistent pool ([`persistent`]) where it is a float32
+/// tensor on a CubeCL device (a copy unless it is there already); elsewhere `t` itself.
+pub fn into_persistent_pool<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    #[cfg(cube_kernels)]
+    if persistent_pool_on() && crate::nn::cube_kernels(&t.device()) && t.dtype() == DType::F32 {
+        let c = cube::f32_contiguous(cube::from_dispatch(t.into_dispatch()));
+        let c = if cube::in_persistent_pool(&c) { c } else { cube::persistent_copy(c) };
+        return Tensor::from_dispatch(cube::into_dispatch(c));
+    }
+    t
 }
 
 /// Has CubeCL release the device memory its pools hold but no tensor uses (its explicit
@@ -914,6 +972,53 @@ mod cube_tests {
         for (what, held, values) in kept {
             assert_eq!(f64s(held), f64s(values), "{what} was written over");
         }
+    }
+
+    /// Where a tensor's buffer is: (CubeCL's id for it, whether it lies in the persistent pool),
+    /// after the device thread has caught up.
+    fn placement(t: &Tensor<2>) -> (usize, bool) {
+        t.device().sync().expect("sync");
+        let c = cube::from_dispatch(t.clone().into_dispatch());
+        (c.handle.memory.descriptor().id.value, cube::in_persistent_pool(&c))
+    }
+
+    /// A weight and its moments, allocated in CubeCL's shared pages (as a random initialisation
+    /// and the first step's zeros are), are in the persistent pool after their first update,
+    /// alone or queued, and stay in the same buffers at the next (written over, not copied);
+    /// likewise an average; `into_persistent_pool` moves a tensor there once; and a tensor
+    /// made under `persistent` is there, one made after it is not.
+    #[test]
+    fn updated_weights_moments_and_averages_move_to_the_persistent_pool_once() {
+        let device = Device::cpu();
+        for queued in [false, true] {
+            let inputs = adam_inputs(37, 41, 5, false, &device);
+            assert!(!placement(&inputs[0]).1, "a new tensor is in the persistent pool already");
+            let step = |[param, grad, m1, m2]: [Tensor<2>; 4]| {
+                let mut queue = UpdateQueue::default();
+                let got = if queued { queue.adam(param, grad, m1, m2, ADAM) } else { adam_update(param, grad, m1, m2, ADAM) };
+                queue.run();
+                got
+            };
+            let grad = inputs[1].clone();
+            let (p, a, b) = step(inputs);
+            let first = [&p, &a, &b].map(placement);
+            assert!(first.iter().all(|&(_, persistent)| persistent), "queued {queued}: after the first step {first:?}");
+            let (p, a, b) = step([p, grad, a, b]);
+            assert_eq!([&p, &a, &b].map(placement), first, "queued {queued}: the second step moved a tensor");
+        }
+        let mut queue = UpdateQueue::default();
+        let ema = queue.ema(tensor(31, 7, 1, false, false, &device), tensor(31, 7, 2, false, false, &device), 0.9);
+        queue.run();
+        let (id, persistent) = placement(&ema);
+        assert!(persistent, "the average after its first update");
+        assert_eq!(placement(&ema_update(ema, tensor(31, 7, 3, false, false, &device), 0.9)), (id, true), "the second average moved");
+        let moved = into_persistent_pool(tensor(5, 3, 4, false, false, &device));
+        let (id, persistent) = placement(&moved);
+        assert!(persistent);
+        assert_eq!(placement(&into_persistent_pool(moved)), (id, true), "moved twice");
+        // As `weights::load_named` makes each weight.
+        assert!(placement(&super::persistent(&device, || tensor(3, 4, 5, false, false, &device))).1, "a tensor made in a persistent window");
+        assert!(!placement(&tensor(3, 4, 5, false, false, &device)).1, "the window stayed open");
     }
 
     #[test]

@@ -283,7 +283,8 @@ impl ModuleMapper for Loader<'_> {
         let key = self.path.key();
         let t = self.source.get(&key).expect("checked before loading");
         let device = param.lazy_device();
-        let tensor = t.to_tensor::<D>(&device);
+        // Weights live for the whole run: in CubeCL's persistent pool on a CubeCL device.
+        let tensor = crate::fused_update::persistent(&device, || t.to_tensor::<D>(&device));
         param.transform_for_load(tensor, param_id(self.namespace, &key))
     }
 }
@@ -377,6 +378,25 @@ pub fn fork_named<M: Module>(module: &M, namespace: &str) -> M {
         }
     }
     module.clone().map(&mut Detach { path: PathStack::default(), namespace })
+}
+
+/// `module` with every parameter's values in CubeCL's persistent pool on a CubeCL device
+/// (`fused_update::persistent`: weights that live for a run kept out of the pages activations
+/// are carved from; a randomly initialised network's are not, until its first update or this);
+/// ids and trainability kept; unchanged elsewhere.
+pub fn into_persistent_pool<M: Module>(module: M) -> M {
+    struct ToPool;
+    impl ModuleMapper for ToPool {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let require_grad = param.is_require_grad();
+            let (id, tensor, mapper) = param.consume();
+            let autodiff = tensor.device().is_autodiff();
+            let pooled = crate::fused_update::into_persistent_pool(tensor.inner());
+            let tensor = if autodiff { Tensor::from_inner(pooled).set_require_grad(require_grad) } else { pooled };
+            Param::from_mapped_value(id, tensor, mapper)
+        }
+    }
+    module.map(&mut ToPool)
 }
 
 /// Every parameter of `module`, flattened to 1-D and without autodiff, by EDM name.
