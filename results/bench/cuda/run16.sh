@@ -18,7 +18,11 @@
 #  1. batch 8: the default, then DMD_PERSISTENT_POOL=off (the placement before), then every
 #     allocation persistent (cubecl.toml `persistent_memory = "enforced"`: the probe's 0.1-0.3 us
 #     per reservation, at a memory cost the GPU peak column shows);
-#  2. CubeCL's profile of one forward, teacher step and DMD iteration (whole kernel names: the
+#  2. DMD_BENCH_CLEANUP=1 (CubeCL's explicit cleanup before the generation timing, which also
+#     empties its cache of up to 4096 kernels' metadata buffers, live allocations in the small
+#     pool that every small reservation walks: the probe's 38-49 us per reservation with them
+#     there): if the one-step time falls back to the forward's, that cache is the cause;
+#     CubeCL's profile of one forward, teacher step and DMD iteration (whole kernel names: the
 #     kernels' own time against the wall time);
 #  3. DMD2's setting (batch 40, bf16 body): the default and "enforced" (its memory);
 #  4. PyTorch on the same machine (run right after step 1, the ratio being what counts).
@@ -38,6 +42,7 @@ run 45 dmd_in64_b8_enforced $B8 --json "$OUTDIR/dmd_in64_b8_enforced.json"
 rm -f cubecl.toml
 run 50 torch_in64_b8 python3 tools/bench_edm_pytorch.py --edm .carry/edm --device cuda --net-config $NET/adm_imagenet64.json --batch 8 --iters 3 --json "$OUTDIR/torch_in64_b8.json"
 training_pipeline 40 20 60
+run 45 dmd_in64_b8_cleanup env DMD_BENCH_CLEANUP=1 $B8 --json "$OUTDIR/dmd_in64_b8_cleanup.json"
 run 45 dmd_in64_b8_profile env CUBECL_DEBUG_LOG=/tmp/profile.log CUBECL_DEBUG_OPTION=profile /tmp/dmd bench --device cuda --net-config $NET/adm_imagenet64.json --batch 8 --sampling 1 --warmup 0 --iters 1 --train-iters 1
 [ -f /tmp/profile.log ] && python3 results/bench/cuda/profile_summary.py /tmp/profile.log 80 0 > "$OUTDIR/cubecl_kernel_times.txt"
 run 80 dmd_in64_b40_bf16_default $B40 --json "$OUTDIR/dmd_in64_b40_bf16_default.json"

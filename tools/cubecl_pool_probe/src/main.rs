@@ -186,5 +186,20 @@ fn main() {
                 pools.reserved_gib(),
             );
         }
+        // CubeCL's CUDA runtime keeps the device buffers of up to 4096 kernels' metadata (shapes,
+        // strides, scalars; up to 2 KiB each) for reuse: live small allocations, in the small
+        // pages (or, enforced, the persistent pool).
+        let infos: Vec<_> = (0..4096u64).map(|i| pools.reserve(64 + 8 * (i % 249))).collect();
+        (pools.reservations, pools.seconds) = (0, 0.0);
+        for _ in 0..3 {
+            step(&mut pools, &params, &activations);
+        }
+        println!(
+            "{placement:<16} {:>5} long-lived tensors and {} kernel infos cached: {:>6.2} us per reservation, {:>6.1} ms per step",
+            long_lived.len(),
+            infos.len(),
+            pools.seconds * 1e6 / pools.reservations as f64,
+            pools.seconds * 1e3 / 3.0,
+        );
     }
 }
