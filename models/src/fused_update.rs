@@ -610,10 +610,20 @@ pub fn persistent<T: Send>(device: &Device, make: impl FnOnce() -> T + Send) -> 
 }
 
 /// Whether [`persistent`] and the update kernels put tensors in CubeCL's persistent pool: unless
-/// `DMD_PERSISTENT_POOL=off`.
+/// `DMD_PERSISTENT_POOL=off`, or CubeCL's config (a `cubecl.toml`) disables that pool (whose
+/// windows then allocate elsewhere, and the updates would copy their tensors every time).
 pub fn persistent_pool_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DMD_PERSISTENT_POOL").map_or(true, |v| v.trim() != "off"))
+    *ON.get_or_init(|| {
+        let asked = std::env::var("DMD_PERSISTENT_POOL").map_or(true, |v| v.trim() != "off");
+        #[cfg(cube_kernels)]
+        {
+            use cubecl_runtime::config::{memory::PersistentMemory, CubeClRuntimeConfig, RuntimeConfig};
+            asked && !matches!(CubeClRuntimeConfig::get().memory.persistent_memory, PersistentMemory::Disabled)
+        }
+        #[cfg(not(cube_kernels))]
+        asked
+    })
 }
 
 /// `t` with its values in CubeCL's persistent pool ([`persistent`]) where it is a float32
