@@ -94,6 +94,15 @@ fn step(pools: &mut Pools, params: &[u64], activations: &[u64]) {
     }
 }
 
+/// Three steps timed: (us per reservation, ms per step).
+fn timed_steps(pools: &mut Pools, params: &[u64], activations: &[u64]) -> (f64, f64) {
+    (pools.reservations, pools.seconds) = (0, 0.0);
+    for _ in 0..3 {
+        step(pools, params, activations);
+    }
+    (pools.seconds * 1e6 / pools.reservations as f64, pools.seconds * 1e3 / 3.0)
+}
+
 /// A forward without autodiff: per layer two short-lived activations, one kept until the next
 /// layer and a small one.
 fn forward(pools: &mut Pools, activations: &[u64]) {
@@ -174,15 +183,10 @@ fn main() {
                 pools.mode(MemoryAllocationMode::Auto);
             }
             step(&mut pools, &params, &activations);
-            (pools.reservations, pools.seconds) = (0, 0.0);
-            for _ in 0..3 {
-                step(&mut pools, &params, &activations);
-            }
+            let (us, ms) = timed_steps(&mut pools, &params, &activations);
             println!(
-                "{placement:<16} {:>5} long-lived tensors: {:>6.2} us per reservation, {:>6.1} ms per step; pools hold {:.1} GiB",
+                "{placement:<16} {:>5} long-lived tensors: {us:>6.2} us per reservation, {ms:>6.1} ms per step; pools hold {:.1} GiB",
                 long_lived.len(),
-                pools.seconds * 1e6 / pools.reservations as f64,
-                pools.seconds * 1e3 / 3.0,
                 pools.reserved_gib(),
             );
         }
@@ -190,16 +194,7 @@ fn main() {
         // strides, scalars; up to 2 KiB each) for reuse: live small allocations, in the small
         // pages (or, enforced, the persistent pool).
         let infos: Vec<_> = (0..4096u64).map(|i| pools.reserve(64 + 8 * (i % 249))).collect();
-        (pools.reservations, pools.seconds) = (0, 0.0);
-        for _ in 0..3 {
-            step(&mut pools, &params, &activations);
-        }
-        println!(
-            "{placement:<16} {:>5} long-lived tensors and {} kernel infos cached: {:>6.2} us per reservation, {:>6.1} ms per step",
-            long_lived.len(),
-            infos.len(),
-            pools.seconds * 1e6 / pools.reservations as f64,
-            pools.seconds * 1e3 / 3.0,
-        );
+        let (us, ms) = timed_steps(&mut pools, &params, &activations);
+        println!("{placement:<16} {:>5} long-lived tensors and {} kernel infos cached: {us:>6.2} us per reservation, {ms:>6.1} ms per step", long_lived.len(), infos.len());
     }
 }
