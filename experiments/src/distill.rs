@@ -469,7 +469,7 @@ pub(crate) fn generator_update<M: Module>(bp: Backprop, generator: &mut M, optim
         stats.add_nonfinite(format!("generator gradient norm {norm}"));
         return false;
     }
-    *generator = optim.step(lr, generator.clone(), grads);
+    optim.step_in_place(lr, generator, grads);
     true
 }
 
@@ -488,7 +488,7 @@ pub(crate) fn fake_update<F: Module>(bp: Backprop, fake: &mut F, optim: &mut Opt
         (Some(gan), Some(mut head_grads)) => {
             stats.fake_grad_norm = clip_grad_norm_joint(&mut fake_grads, &*fake, &mut head_grads, &gan.head, grad_clip);
             if stats.fake_grad_norm.is_finite() {
-                gan.head = gan.optim.step(lr, gan.head.clone(), head_grads);
+                gan.optim.step_in_place(lr, &mut gan.head, head_grads);
             }
         }
         _ => stats.fake_grad_norm = clip_grad_norm(&mut fake_grads, &*fake, grad_clip),
@@ -497,7 +497,7 @@ pub(crate) fn fake_update<F: Module>(bp: Backprop, fake: &mut F, optim: &mut Opt
         stats.add_nonfinite(format!("fake-score gradient norm {}", stats.fake_grad_norm));
         return;
     }
-    *fake = optim.step(lr, fake.clone(), fake_grads);
+    optim.step_in_place(lr, fake, fake_grads);
 }
 
 /// DMD2's GAN classifier: the head on the fake score's bottleneck and its optimiser (its real

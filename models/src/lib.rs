@@ -36,3 +36,9 @@ pub use config::{EdmConfig, ModelType};
 pub use precond::{config_path_for, Backbone, EdmPrecond, ModelError};
 pub use sampler::{edm_time_steps, sample, Denoiser, NetDenoiser, SamplerConfig, Solver};
 pub use weights::{HostTensor, NamedTensors, WeightError};
+
+/// CubeCL's dry run: while the guard lives, every kernel launch is compiled and dropped while
+/// memory is still reserved, so a run's time is the host's and CubeCL's device thread's own
+/// work (`examples/dry_run.rs`).
+#[cfg(cube_kernels)]
+pub use cubecl_runtime::dry_run::DryRun;

@@ -1,6 +1,7 @@
-//! The `dmd` program; see `dmd_experiments::cli`.
+//! The `dmd` program; see `dmd_experiments::cli`. (`examples/dry_run.rs` runs this `main`
+//! too.)
 
-fn main() {
+pub fn main() {
     keep_freed_memory();
     dmd_experiments::cli::main()
 }
