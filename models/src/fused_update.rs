@@ -187,8 +187,9 @@ pub(crate) mod cube {
     /// from x), each value with the same operations in the same order as the flex kernel.
     /// The tensors of a launch share the step's constants; where `strided_grad`, their
     /// gradients are dense permutations of a contiguous layout (e.g. a convolution's weight
-    /// gradient computed channels last), read where they lie instead of being copied first. The loop over the tensors is unrolled at compile time:
-    /// CubeCL has no array of buffers, but a launch takes a sequence of them.
+    /// gradient computed channels last), read where they lie instead of being copied first.
+    /// The loop over the tensors is unrolled at compile time: CubeCL has no array of buffers,
+    /// but a launch takes a sequence of them.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     fn adam_kernel(

@@ -22,7 +22,7 @@ for i in $(seq 1 "${ROUNDS:-3}"); do
     [ $v = pool_off ] && env=(DMD_PERSISTENT_POOL=off)
     [ $v = enforced ] && printf '[memory]\npersistent_memory = "enforced"\n' > "$WORK/cubecl.toml"
     # cubecl.toml is read from the working directory.
-    (cd "$WORK" && env "${env[@]}" "$BIN" bench --device cube-cpu --config "$NET" --batch 8 --warmup 2 --iters 15 --train-iters 15 --sampling 1 --json "$PWD/$v-$i.json") 2>&1 | grep -v '^note: implicit-GEMM\|^$\|^)' > "$OUT/$v-$i.txt"
+    (cd "$WORK" && env "${env[@]}" "$BIN" bench --device cube-cpu --config "$NET" --batch 8 --warmup 2 --iters 15 --train-iters 15 --sampling 1 --json "$WORK/$v-$i.json") 2>&1 | grep -v '^note: implicit-GEMM\|^$\|^)' > "$OUT/$v-$i.txt"
     mv "$WORK/$v-$i.json" "$OUT/"
   done
 done
